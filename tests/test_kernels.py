@@ -108,6 +108,13 @@ def test_random_shapes(B, H, L, D, Dv, variant, causal, normalize, chunk_size, s
     assert_close(errors, torch.float32)
 
 
+@pytest.mark.parametrize("D,Dv", [(130, 7), (9, 200)])
+def test_wide_heads(D, Dv):
+    """Head dims past 128 take the wide launch configuration (padded to 256)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert_close(compare(1, 1, 40, D, Dv, "s", False, True, 16, torch.float32, device), torch.float32)
+
+
 def test_non_contiguous_inputs():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     errors = compare(1, 3, 20, 4, 6, "s", False, True, 16, torch.float32, device, layout="transposed")
@@ -145,8 +152,8 @@ def test_kernel_specific_errors():
         kernels.chunkwise(q, q, q, chunk_size=8)
     with pytest.raises(TypeError, match="float64"):
         kernels.chunkwise(q.double(), q.double(), q.double(), chunk_size=16)
-    with pytest.raises(ValueError, match="at most 128"):
-        big = torch.rand(1, 1, 4, 129)
+    with pytest.raises(ValueError, match="at most 256"):
+        big = torch.rand(1, 1, 4, 257)
         kernels.chunkwise(big, big, q[..., :4, :], chunk_size=16)
     if kernels.interpreted():
         with pytest.raises(TypeError, match="interpreter computes in float32"):
@@ -168,7 +175,8 @@ def test_gpu_every_configuration(dtype, variant, causal, normalize):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-@pytest.mark.parametrize("D,Dv", [(16, 16), (48, 48), (64, 32), (80, 80), (128, 128), (96, 120), (20, 100)])
+@pytest.mark.parametrize("D,Dv", [(16, 16), (48, 48), (64, 32), (80, 80), (128, 128), (96, 120), (20, 100),
+                                  (256, 256), (256, 64), (200, 144)])
 def test_gpu_head_dims(dtype, D, Dv):
     assert_close(compare(1, 2, 2500, D, Dv, "s", False, True, 64, dtype, "cuda"), dtype)
 

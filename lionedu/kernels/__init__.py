@@ -5,10 +5,12 @@ signature and semantics of every other implementation (DESIGN.md). It runs on CU
 natively, and on CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` was set
 before triton was first imported (float32 only there).
 
-Layout: :mod:`.sweep` holds the one kernel (a decayed sweep over chunks, forward or
-backward, MATH.md section 5), :mod:`.autograd` the ``torch.autograd.Function`` that makes
-attention and its gradients out of sweeps (sections 4 and 6), :mod:`.primer` the small
-teaching kernels of chapter 5.
+Layout (MATH.md section 5): :mod:`.states` holds kernel 1, the chunk states (a sequential
+walk over chunks that does nothing but update the state), :mod:`.output` kernel 2, every
+chunk's output with all chunks in parallel; :mod:`.launch` runs the two as one masked
+operator; :mod:`.autograd` the ``torch.autograd.Function`` that makes attention and its
+gradients out of operators (sections 4 and 6); :mod:`.primer` the small teaching kernels
+of chapter 5.
 """
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ import triton
 from ..masks import per_token_log_decay
 from ..validation import check_chunk_size, check_inputs
 from .autograd import ChunkwiseAttention
-from .sweep import _sweep_kernel
+from .output import chunk_output_kernel
 
 __all__ = ["chunkwise", "interpreted", "MAX_HEAD_DIM", "CHUNK_SIZES"]
 
-MAX_HEAD_DIM = 128
+MAX_HEAD_DIM = 256
 CHUNK_SIZES = (16, 32, 64, 128)
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -31,7 +33,7 @@ def interpreted() -> bool:
     """True if the kernels run through Triton's CPU interpreter (fixed when triton was imported)."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_sweep_kernel, InterpretedFunction)
+    return isinstance(chunk_output_kernel, InterpretedFunction)
 
 
 def _check_kernel_inputs(q, v, chunk_size) -> None:
@@ -60,7 +62,7 @@ def _check_kernel_inputs(q, v, chunk_size) -> None:
 def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_size=64):
     """Masked linear attention with the Triton chunkwise kernels; differentiable.
 
-    ``q, k: [B, H, L, D]``, ``v: [B, H, L, Dv]`` (float32, bfloat16 or float16; D, Dv <= 128),
+    ``q, k: [B, H, L, D]``, ``v: [B, H, L, Dv]`` (float32, bfloat16 or float16; D, Dv <= 256),
     ``log_decay``: ``None``, ``[H]`` or ``[B, H, L]``, finite and ``<= 0``.
     ``chunk_size`` is one of 16, 32, 64, 128. Returns ``[B, H, L, Dv]`` in ``v``'s dtype.
     Accumulation is float32; float32 inputs use IEEE float32 dot products (no TF32).
@@ -79,8 +81,10 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     # 128) need no padding.
     def flat(t):
         width = t.shape[-1]
-        t = torch.nn.functional.pad(t, (0, max(16, triton.next_power_of_2(width)) - width))
-        return t.reshape(B * H, L, t.shape[-1]).contiguous()
+        padded = max(16, triton.next_power_of_2(width))
+        if padded != width:
+            t = torch.nn.functional.pad(t, (0, padded - width))
+        return t.reshape(B * H, L, padded).contiguous()
 
     l = None
     if log_decay is not None:

@@ -1,8 +1,8 @@
-"""``ChunkwiseAttention``: the autograd.Function that ties the sweeps together.
+"""``ChunkwiseAttention``: the autograd.Function that makes attention and its gradients out
+of masked operators (chunk states, then chunk outputs; :mod:`.launch`).
 
-Forward (MATH.md sections 4-5): ``O~ = F + B - diag`` where ``F`` and ``B`` are the forward
-and backward sweeps (lower and upper triangles, each with the diagonal) and the normaliser
-comes with them; ``y = N / c``.
+Forward (MATH.md sections 3-5): one operator with the full mask (its lower triangle when
+causal) gives ``N = (Q K^T ⊙ M) V`` and the normaliser ``c`` together; ``y = N / c``.
 
 Backward (MATH.md section 6): with ``V~ = [V, 1]`` and ``dO~ = [dN, dc]``,
 ``dN = dY / c``, ``dc = -(dY . Y) / c``, and because ``M`` is symmetric each gradient is the
@@ -12,37 +12,24 @@ same masked operator with other arguments:
 - ``dK = (V~ dO~^T ⊙ M) Q``  = operator(V, dN, Q) with the column offset ``dc_j``
 - ``dV = (K Q^T ⊙ M) dN``    = operator(K, Q, dN)
 
-(``dO~_i . V~_j = dN_i . v_j + dc_i``: the ones column becomes a float32 offset.)
+(``dO~_i . V~_j = dN_i . v_j + dc_i``: the ones column becomes a float32 offset, which keeps
+the near-cancellation of ``dN_i . v_j`` and ``dc_i`` in float32.) In the causal case the
+mask of dK and dV is transposed: their operators take the keys *after* each query.
 
-Run as sweeps, the operator yields its lower (``L``) and upper (``U``) parts separately,
-which is exactly what the decay gradient needs:
-``dl_t = sum_{i>=t} (q_i.dQ^L_i - k_i.dK^L_i) + sum_{i<t} (q_i.dQ^U_i - k_i.dK^U_i)``.
-Nothing from the forward pass is kept but the inputs, ``y`` and the normaliser.
+The decay gradient needs ``W_ij = M_ij (q_i . k_j) (dO~_i . V~_j)`` summed over the pairs
+that straddle each position. With the row sums of ``W`` over keys before / after ``i``
+(``q_i . dQ`` restricted to those keys) and the column sums (``k_j . dK`` restricted), which
+the dQ and dK operators return as partner row dots:
+``dl_t = sum_{i>=t} (r^<_i - c^>_i) + sum_{i<t} (r^>_i - c^<_i)``.
+Nothing from the forward pass is kept but the inputs, ``y``, the normaliser and ``g``.
 """
 from __future__ import annotations
 
 import torch
 
-from .sweep import sweep
+from .launch import masked_operator, padded_chunk_sums
 
 __all__ = ["ChunkwiseAttention"]
-
-
-def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a_i . b_i`` for every row, in float32: ``[BH, L, X] x [BH, L, X] -> [BH, L]``."""
-    return (a.float() * b.float()).sum(-1)
-
-
-def _operator_parts(q, k, v, log_decay, *, causal: bool, **kwargs):
-    """The lower and upper parts of ``(q k^T ⊙ M) v``, each with the diagonal.
-
-    For ``causal`` only the lower part exists and the upper one is ``None``.
-    """
-    lower, _ = sweep(q, k, v, log_decay, reverse=False, **kwargs)
-    if causal:
-        return lower, None
-    upper, _ = sweep(q, k, v, log_decay, reverse=True, **kwargs)
-    return lower, upper
 
 
 class ChunkwiseAttention(torch.autograd.Function):
@@ -51,56 +38,47 @@ class ChunkwiseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, causal: bool, normalize: bool, chunk_size: int):
         # q, k: [BH, L, D]; v: [BH, L, Dv]; log_decay: [BH, L] float32 or None.
-        # Bidirectional: the backward sweep first (float32 results), then the forward sweep,
-        # which adds them, subtracts the diagonal and normalises in its epilogue.
-        other = None
-        if not causal:
-            other = sweep(q, k, v, log_decay, reverse=True, with_den=normalize, chunk_size=chunk_size)
-        y, den = sweep(q, k, v, log_decay, reverse=False, with_den=normalize, chunk_size=chunk_size,
-                       combine_with=other, normalize=normalize)
-        ctx.save_for_backward(q, k, v, log_decay, y, den if normalize else None)
+        g = padded_chunk_sums(log_decay, chunk_size)
+        y, den, _ = masked_operator(q, k, v, g, lower=True, upper=not causal, chunk_size=chunk_size,
+                                    with_den=normalize, normalize=normalize)
+        ctx.save_for_backward(q, k, v, g, y, den)
         ctx.causal, ctx.normalize, ctx.chunk_size = causal, normalize, chunk_size
-        return y.to(v.dtype)  # already v's dtype except unnormalised causal (float32)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        q, k, v, log_decay, y, den = ctx.saved_tensors
-        causal, chunk_size = ctx.causal, ctx.chunk_size
-        dy = dy.float().contiguous()  # the kernels index rows as contiguous [BH, L, Dv]
+        q, k, v, g, y, den = ctx.saved_tensors
+        causal = ctx.causal
+        dy = dy.float()
         if ctx.normalize:
             dn = dy / den[..., None]  # dN = dY / c
-            dc = -_rowdot(dy, y) / den  # dc = -(dY . Y) / c, kept in float32
+            dc = -(dy * y.float()).sum(-1) / den  # dc = -(dY . Y) / c, kept in float32
         else:
             dn, dc = dy, None
-        dn = dn.to(q.dtype)
-
-        opts = dict(chunk_size=chunk_size)
-        dq_l, dq_u = _operator_parts(dn, v, k, log_decay, causal=causal, row_offset=dc, **opts)
-        # For dK and dV the operator runs with the roles of i and j exchanged: its forward
-        # sweep collects pairs with i <= j (the upper part of M), its backward sweep i >= j.
-        if causal:
-            dk_l, _ = sweep(v, dn, q, log_decay, reverse=True, col_offset=dc, **opts)
-            dv, _ = sweep(k, q, dn, log_decay, reverse=True, **opts)
-            dq, dk = dq_l, dk_l
-        else:
-            dk_u, dk_l = _operator_parts(v, dn, q, log_decay, causal=False, col_offset=dc, **opts)
-            dv_u, dv_l = _operator_parts(k, q, dn, log_decay, causal=False, **opts)
-            # The i = j pair is in both parts: dO~_i . V~_i = dN_i . v_i + dc_i.
-            diag = _rowdot(dn, v)
-            if dc is not None:
-                diag = diag + dc
-            dq = dq_l + dq_u - diag[..., None] * k.float()
-            dk = dk_l + dk_u - diag[..., None] * q.float()
-            dv = dv_l + dv_u - _rowdot(q, k)[..., None] * dn.float()
+        dn = dn.to(q.dtype).contiguous()
+        want_decay = g is not None and ctx.needs_input_grad[3]
+        # Keys before the query (forward), after it (backward): for dQ as for attention;
+        # dK and dV see the transposed mask, so in the causal case they take the keys after.
+        before, after = (True, not causal)
+        t_before, t_after = (not causal, True)
+        opts = dict(chunk_size=ctx.chunk_size)
+        dq, _, r = masked_operator(dn, v, k, g, lower=before, upper=after, row_offset=dc,
+                                   partner=q if want_decay else None, **opts)
+        dk, _, c = masked_operator(v, dn, q, g, lower=t_before, upper=t_after, col_offset=dc,
+                                   partner=k if want_decay else None, **opts)
+        dv, _, _ = masked_operator(k, q, dn, g, lower=t_before, upper=t_after, **opts)
 
         d_log_decay = None
-        if log_decay is not None and ctx.needs_input_grad[3]:
-            # Pairs straddling t: lower pairs through the suffix sums of a, upper pairs
-            # through the exclusive prefix sums of b. O(L) work, done in float64.
-            a = (_rowdot(q, dq_l) - _rowdot(k, dk_l)).double()
+        if want_decay:
+            # r = (r^<, r^>) from dQ; in dK's operator i and j trade places, so its
+            # "before" dot is c^> and its "after" dot c^<. Straddling pairs: lower ones
+            # through suffix sums of a, upper ones through exclusive prefix sums of b.
+            # O(L) work, in float64.
+            (r_before, r_after), (c_after, c_before) = r, c
+            a = (r_before - c_before).double()
             d_log_decay = a.flip(-1).cumsum(-1).flip(-1)
             if not causal:
-                b = (_rowdot(q, dq_u) - _rowdot(k, dk_u)).double()
+                b = (r_after - c_after).double()
                 d_log_decay = d_log_decay + b.cumsum(-1) - b
             d_log_decay = d_log_decay.float()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_log_decay, None, None, None
+        return dq, dk, dv, d_log_decay, None, None, None

@@ -1,0 +1,104 @@
+"""Kernel 1 of 2: the chunk states (MATH.md section 5).
+
+For one (batch, head) the sequence is cut into ``N`` chunks of ``C`` tokens. Chunk ``n``
+holds positions ``s..e``; ``g_i = l_s + ... + l_i`` are its chunk-local sums of the log
+decays and ``G = g_e`` its total. The two states every chunk needs are
+
+    forward   H_0 = 0,      H_{n+1} = exp(G) H_n + sum_{j in n} exp(G - g_j) k_j v_j^T
+    backward  R_{N-1} = 0,  R_{n-1} = exp(G) R_n + sum_{j in n} exp(g_j) k_j v_j^T
+
+``H_n`` holds every key before chunk ``n`` and ``R_n`` every key after it, each decayed to
+the chunk's edge; every exponent is ``<= 0``. The recurrence is sequential, so one program
+walks the chunks of one sequence in order, but a step is only a load of ``K_n`` and
+``V_n``, one ``[D, C] x [C, Dv]`` product and a store: the expensive per-chunk work (the
+``C x C`` block and the output) is left to :mod:`.output`, which runs all chunks at once.
+
+Three vectors ride along when the caller needs them:
+``z = sum_j (decay) k_j`` (the state of an all-ones value column: the normaliser),
+``u = sum_j (decay) v_j`` (for scores with a row offset ``a_i``) and
+``w = sum_j (decay) b_j v_j`` (for scores with a column offset ``b_j``).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chunk_states_kernel(
+    k_ptr, v_ptr,  # keys [BH, L, DK], values [BH, L, DV], one dtype, contiguous
+    g_ptr,  # chunk-local sums of the log decays [BH, N*C] float32 (tail padded with 0)
+    col_offset_ptr,  # column offsets b_j [BH, L] float32 (only read with COL_OFFSET)
+    S_ptr,  # out: states [slots, BH, N, DK, DV] in the inputs' dtype
+    z_ptr, u_ptr, w_ptr,  # out: [slots, BH, N, DK], [slots, BH, N, DV], [slots, BH, N, DV] float32
+    L, N,  # sequence length, number of chunks
+    FIRST_DIRECTION: tl.constexpr,  # direction of slot 0: 0 forward (H), 1 backward (R)
+    HAS_DECAY: tl.constexpr,  # False for LIT: every decay is 1, no exponentials at all
+    WITH_Z: tl.constexpr, WITH_U: tl.constexpr, WITH_W: tl.constexpr,  # which vectors to keep
+    CHUNK: tl.constexpr,  # C, tokens per chunk
+    DK: tl.constexpr, DV: tl.constexpr,  # head dims (powers of two: the wrapper pads them)
+    BLOCK_DV: tl.constexpr,  # the tile of value columns this program owns
+    PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32); ignored for 16-bit
+):
+    # ---- Which piece of work is ours ----------------------------------------------------
+    # Axis 0: the (batch, head) sequence; axis 1: a tile of value columns; axis 2: the slot,
+    # i.e. the direction (forward states H or backward states R). int64 offsets: B*H*L*D
+    # can pass 2^31.
+    bh = tl.program_id(0).to(tl.int64)
+    v_tile = tl.program_id(1)
+    slot = tl.program_id(2)
+    BH = tl.num_programs(0)
+    backward = (FIRST_DIRECTION + slot) == 1
+    dk = tl.arange(0, DK)
+    dv = v_tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    pos = tl.arange(0, CHUNK)
+    seq = slot * BH + bh  # index of this (direction, sequence) in the outputs
+
+    # The running state (one [DK, BLOCK_DV] tile of it) and the optional vectors, float32.
+    S = tl.zeros([DK, BLOCK_DV], dtype=tl.float32)
+    z = tl.zeros([DK], dtype=tl.float32)
+    u = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    w = tl.zeros([BLOCK_DV], dtype=tl.float32)
+
+    for step in range(0, N):
+        # forward: chunks 0, 1, ..., N-1;  backward: N-1, ..., 0
+        n = tl.where(backward, N - 1 - step, step)
+
+        # ---- Store the state chunk n reads: every key strictly before (after) it ----------
+        at = seq * N + n
+        tl.store(S_ptr + at * DK * DV + dk[:, None] * DV + dv[None, :], S.to(S_ptr.dtype.element_ty))
+        if WITH_Z:
+            if v_tile == 0:  # z has no value columns: one tile stores it
+                tl.store(z_ptr + at * DK + dk, z)
+        if WITH_U:
+            tl.store(u_ptr + at * DV + dv, u)
+        if WITH_W:
+            tl.store(w_ptr + at * DV + dv, w)
+
+        # ---- Load chunk n: K_n [C, DK], V_n [C, BLOCK_DV]; the tail past L reads as 0 -------
+        rows = n * CHUNK + pos
+        row_ok = rows < L
+        k = tl.load(k_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + (bh * L + rows[:, None]) * DV + dv[None, :], mask=row_ok[:, None], other=0.0)
+
+        # ---- Decay each key to the chunk's edge, and the state across the whole chunk ------
+        # forward: k_j exp(G - g_j) and H exp(G);  backward: k_j exp(g_j) and R exp(G).
+        if HAS_DECAY:
+            g = tl.load(g_ptr + (bh * N + n) * CHUNK + pos)
+            G = tl.load(g_ptr + (bh * N + n) * CHUNK + CHUNK - 1)
+            key_scale = tl.exp(tl.where(backward, g, G - g))
+            carry = tl.exp(G)
+        else:
+            key_scale = tl.full([CHUNK], 1.0, tl.float32)
+            carry = 1.0
+
+        # ---- S <- carry * S + (scaled K_n)^T V_n: one tensor-core product per chunk --------
+        k_scaled = k.to(tl.float32) * key_scale[:, None]
+        S = carry * S + tl.dot(tl.trans(k_scaled.to(v.dtype)), v, input_precision=PRECISION)
+        if WITH_Z:
+            z = carry * z + tl.sum(k_scaled, axis=0)
+        if WITH_U:
+            u = carry * u + tl.sum(key_scale[:, None] * v.to(tl.float32), axis=0)
+        if WITH_W:
+            b = tl.load(col_offset_ptr + bh * L + rows, mask=row_ok, other=0.0)
+            w = carry * w + tl.sum((key_scale * b)[:, None] * v.to(tl.float32), axis=0)
