@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_inputs", "check_chunk_size"]
+__all__ = ["check_inputs", "check_log_decay_values", "check_chunk_size"]
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -25,13 +25,15 @@ def _check_tensor(name: str, t, expected: str) -> None:
         )
 
 
-def check_inputs(q, k, v, log_decay=None, *, causal=False, normalize=True) -> None:
+def check_inputs(q, k, v, log_decay=None, *, causal=False, normalize=True, check_values=True) -> None:
     """Validate the arguments of every ``f(q, k, v, log_decay, causal=, normalize=)``.
 
     Shapes: ``q, k`` are ``[B, H, L, D]``, ``v`` is ``[B, H, L, Dv]``, ``log_decay`` is
     ``None``, ``[H]`` or ``[B, H, L]`` with finite entries ``<= 0``.
     Raises ``TypeError`` for wrong types or dtypes and ``ValueError`` for wrong shapes,
-    devices or values; every message names the argument.
+    devices or values; every message names the argument. ``check_values=False`` leaves
+    the values of ``log_decay`` to a later :func:`check_log_decay_values` call (the check
+    reads them, which waits for the device).
     """
     _check_tensor("q", q, "[B, H, L, D]")
     _check_tensor("k", k, "[B, H, L, D]")
@@ -64,16 +66,25 @@ def check_inputs(q, k, v, log_decay=None, *, causal=False, normalize=True) -> No
         )
     if log_decay.device != q.device:
         raise ValueError(f"log_decay is on {log_decay.device} but q is on {q.device}: put all inputs on one device")
+    if check_values:
+        check_log_decay_values(log_decay)
+
+
+def check_log_decay_values(log_decay) -> None:
+    """``log_decay`` (``None`` or a tensor) must be finite and ``<= 0``: one reduction, one sync."""
+    if log_decay is None:
+        return
     with torch.no_grad():
-        finite = bool(torch.isfinite(log_decay).all())
-        nonpositive = bool((log_decay <= 0).all()) if finite else True
-    if not finite:
+        lowest, highest = torch.aminmax(log_decay.detach())
+        valid = bool((highest <= 0) & (lowest > -float("inf")))  # False for NaN too
+    if valid:
+        return
+    if not bool(torch.isfinite(log_decay).all()):
         raise ValueError("log_decay must be finite (decay lambda = exp(log_decay) in (0, 1]); it contains NaN or inf")
-    if not nonpositive:
-        raise ValueError(
-            "log_decay must be <= 0 (decay lambda = exp(log_decay) in (0, 1]); it has positive "
-            f"entries, largest {log_decay.max().item():.4g}"
-        )
+    raise ValueError(
+        "log_decay must be <= 0 (decay lambda = exp(log_decay) in (0, 1]); it has positive "
+        f"entries, largest {float(highest):.4g}"
+    )
 
 
 def check_chunk_size(chunk_size) -> None:

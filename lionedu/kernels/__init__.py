@@ -18,7 +18,7 @@ import torch
 import triton
 
 from ..masks import per_token_log_decay
-from ..validation import check_chunk_size, check_inputs
+from ..validation import check_chunk_size, check_inputs, check_log_decay_values
 from .autograd import ChunkwiseAttention
 from .output import chunk_output_kernel
 
@@ -69,7 +69,7 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     Gradients flow to q, k, v and log_decay (for a ``[H]`` decay, summed over batch and
     positions).
     """
-    check_inputs(q, k, v, log_decay, causal=causal, normalize=normalize)
+    check_inputs(q, k, v, log_decay, causal=causal, normalize=normalize, check_values=False)
     check_chunk_size(chunk_size)
     _check_kernel_inputs(q, v, chunk_size)
     B, H, L, D = q.shape
@@ -90,4 +90,7 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     if log_decay is not None:
         l = per_token_log_decay(log_decay, B, H, L, dtype=torch.float32, device=q.device).reshape(B * H, L).contiguous()
     y = ChunkwiseAttention.apply(flat(q), flat(k), flat(v), l, causal, normalize, chunk_size)
+    # The decay values are checked once the kernels are queued, so the device works while
+    # the host waits for the check; on bad values the result is discarded.
+    check_log_decay_values(log_decay)
     return y.reshape(B, H, L, -1)[..., :Dv]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from .launch import masked_operator, padded_chunk_sums
+from .normaliser import normaliser_gradient
 
 __all__ = ["ChunkwiseAttention"]
 
@@ -49,13 +50,10 @@ class ChunkwiseAttention(torch.autograd.Function):
     def backward(ctx, dy):
         q, k, v, g, y, den = ctx.saved_tensors
         causal = ctx.causal
-        dy = dy.float()
         if ctx.normalize:
-            dn = dy / den[..., None]  # dN = dY / c
-            dc = -(dy * y.float()).sum(-1) / den  # dc = -(dY . Y) / c, kept in float32
+            dn, dc = normaliser_gradient(dy, y, den)  # dN = dY / c, dc = -(dY . Y) / c
         else:
-            dn, dc = dy, None
-        dn = dn.to(q.dtype).contiguous()
+            dn, dc = dy.to(q.dtype).contiguous(), None
         want_decay = g is not None and ctx.needs_input_grad[3]
         # Keys before the query (forward), after it (backward): for dQ as for attention;
         # dK and dV see the transposed mask, so in the causal case they take the keys after.
@@ -71,14 +69,13 @@ class ChunkwiseAttention(torch.autograd.Function):
         d_log_decay = None
         if want_decay:
             # r = (r^<, r^>) from dQ; in dK's operator i and j trade places, so its
-            # "before" dot is c^> and its "after" dot c^<. Straddling pairs: lower ones
-            # through suffix sums of a, upper ones through exclusive prefix sums of b.
-            # O(L) work, in float64.
+            # "before" dot is c^> and its "after" dot c^<. Pairs straddling t: lower ones
+            # through the suffix sums of a = r^< - c^<, upper ones through the exclusive
+            # prefix sums of b = r^> - c^> (zero when causal).
             (r_before, r_after), (c_after, c_before) = r, c
+            # dl_t = sum_{i>=t} a_i + sum_{i<t} b_i = sum_i a_i + sum_{i<t} (b_i - a_i):
+            # one exclusive prefix sum, in float64.
             a = (r_before - c_before).double()
-            d_log_decay = a.flip(-1).cumsum(-1).flip(-1)
-            if not causal:
-                b = (r_after - c_after).double()
-                d_log_decay = d_log_decay + b.cumsum(-1) - b
-            d_log_decay = d_log_decay.float()
+            d = (r_after - c_after).double() - a
+            d_log_decay = (a.sum(-1, keepdim=True) + d.cumsum(-1) - d).float()
         return dq, dk, dv, d_log_decay, None, None, None

@@ -23,8 +23,8 @@ def launch_config(dk: int, dv: int) -> dict:
     output kernel is parallel over chunks already and wants wide tiles (each value tile
     recomputes the ``C x C`` scores).
     """
-    return dict(states_block_dv=min(dv, 32), output_block_dv=min(dv, 64 if dk <= 128 else 32),
-                states_warps=4, output_warps=4 if dk <= 128 else 8)
+    return dict(states_block_dv=min(dv, 32), states_warps=4, states_stages=3,
+                output_block_dv=min(dv, 64), output_warps=4 if dk <= 128 else 8)
 
 
 def padded_chunk_sums(log_decay, chunk_size: int):
@@ -81,13 +81,13 @@ def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, no
         k, v, g if g is not None else dummy, col_offset if col_offset is not None else dummy,
         S, z, u, w, L, N,
         FIRST_DIRECTION=0 if lower else 1, WITH_Z=with_den, WITH_U=row_offset is not None,
-        WITH_W=col_offset is not None, BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"], **flags)
+        WITH_W=col_offset is not None, BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"], num_stages=cfg["states_stages"], **flags)
 
     # Kernel 2: every chunk's output, all chunks in parallel.
     out = torch.empty(BH, L, DV, device=q.device, dtype=v.dtype)
     den = torch.empty(BH, L, **f32) if with_den else None
-    dots = (torch.zeros(BH, L, **f32), torch.zeros(BH, L, **f32)) if partner is not None else None
-    chunk_output_kernel[(N, BH, DV // cfg["output_block_dv"])](
+    dots = (torch.empty(BH, L, **f32), torch.empty(BH, L, **f32)) if partner is not None else None
+    chunk_output_kernel[(N, BH)](
         q, k, v, g if g is not None else dummy, offset if offset is not None else dummy,
         S, z, u, w, partner if partner is not None else dummy,
         out, den if den is not None else dummy, *(dots if dots is not None else (dummy, dummy)),

@@ -25,20 +25,17 @@ import triton.language as tl
 
 
 @triton.jit
-def _read_state(q, offset, read_scale, S_ptr, z_ptr, u_ptr, w_ptr, at, dk, dv, DK: tl.constexpr, DV: tl.constexpr,
-                WITH_DEN: tl.constexpr, ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr, PRECISION: tl.constexpr):
-    """One state's share of a chunk: ``read_scale_i (q_i^T S + a_i u + w)`` ``[C, BLOCK_DV]``
-    and of the normaliser ``read_scale_i (q_i . z)`` ``[C]``; ``at`` indexes the stored state."""
+def _state_share(q, offset, read_scale, S_ptr, u_ptr, w_ptr, at, dk, dv, DK: tl.constexpr, DV: tl.constexpr,
+                 ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr, PRECISION: tl.constexpr):
+    """One stored state's share of a chunk's output, ``read_scale_i (q_i^T S + a_i u + w)``,
+    for the value columns ``dv``: ``[C, BLOCK_DV]`` float32. ``at`` indexes the state."""
     state = tl.load(S_ptr + at * DK * DV + dk[:, None] * DV + dv[None, :])
-    inter = tl.dot(q, state.to(q.dtype), input_precision=PRECISION)
+    share = tl.dot(q, state.to(q.dtype), input_precision=PRECISION)
     if ROW_OFFSET:
-        inter += offset[:, None] * tl.load(u_ptr + at * DV + dv)[None, :]
+        share += offset[:, None] * tl.load(u_ptr + at * DV + dv)[None, :]
     if COL_OFFSET:
-        inter += tl.load(w_ptr + at * DV + dv)[None, :]
-    inter_den = tl.zeros_like(read_scale)
-    if WITH_DEN:
-        inter_den = read_scale * tl.sum(q.to(tl.float32) * tl.load(z_ptr + at * DK + dk)[None, :], axis=1)
-    return read_scale[:, None] * inter, inter_den
+        share += tl.load(w_ptr + at * DV + dv)[None, :]
+    return read_scale[:, None] * share
 
 
 @triton.jit
@@ -50,33 +47,32 @@ def chunk_output_kernel(
     partner_ptr,  # P [BH, L, DV] (SPLIT only)
     out_ptr,  # out [BH, L, DV] in v's dtype
     den_ptr,  # normaliser [BH, L] float32 (WITH_DEN)
-    dot_before_ptr, dot_after_ptr,  # [BH, L] float32, zero-filled, accumulated (SPLIT)
+    dot_before_ptr, dot_after_ptr,  # out: the partner row dots [BH, L] float32 (SPLIT)
     L, N,
     LOWER: tl.constexpr,  # keys j < i count (forward state in slot 0)
     UPPER: tl.constexpr,  # keys j > i count (backward state in the next slot)
     HAS_DECAY: tl.constexpr,  # False for LIT: no exponentials
-    WITH_DEN: tl.constexpr,  # compute the normaliser (store it from value tile 0)
+    WITH_DEN: tl.constexpr,  # compute (and store) the normaliser
     NORMALIZE: tl.constexpr,  # divide by the normaliser before storing
     ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,  # scores q_i . k_j + a_i  /  + b_j
-    SPLIT: tl.constexpr,  # also accumulate the partner row dots
-    CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPLIT: tl.constexpr,  # also compute the partner row dots
+    CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,  # value columns per step of the tile loop
     PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32); ignored for 16-bit
 ):
-    # ---- Which piece of work is ours: chunk n of sequence bh, one tile of value columns ----
+    # ---- Which piece of work is ours: chunk n of sequence bh ----------------------------------
+    # All value columns, a tile of BLOCK_DV at a time, so the C x C scores are computed once.
     n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    v_tile = tl.program_id(2)
     BH = tl.num_programs(1)
     dk = tl.arange(0, DK)
-    dv = v_tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
     pos = tl.arange(0, CHUNK)
     rows = n * CHUNK + pos
     row_ok = rows < L  # the last chunk may be shorter: its tail reads as 0 and is not stored
 
-    # ---- Load the chunk: Q_n, K_n [C, DK], V_n [C, BLOCK_DV] --------------------------------
+    # ---- Load the chunk: Q_n, K_n [C, DK] ------------------------------------------------------
     q = tl.load(q_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
     k = tl.load(k_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
-    v = tl.load(v_ptr + (bh * L + rows[:, None]) * DV + dv[None, :], mask=row_ok[:, None], other=0.0)
 
     # ---- Scores of the C x C block, with the optional float32 offset ------------------------
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [C, C] float32
@@ -102,61 +98,66 @@ def chunk_output_kernel(
         G = tl.load(g_ptr + (bh * N + n) * CHUNK + CHUNK - 1)
         diff = g[:, None] - g[None, :]
         scores = scores * tl.exp(tl.where(before, diff, -diff))
-    scores = tl.where(keep, scores, 0.0)  # masked scores W_ij = (q_i . k_j + offset) M_ij
-
-    # ---- Intra-chunk part: W V_n ------------------------------------------------------------
-    if SPLIT:
-        # Keys before i, keys after i and the diagonal apart (the diagonal is in neither
-        # partner dot: its decay is 1, so it does not enter the decay gradient).
-        out_before = tl.dot(tl.where(before, scores, 0.0).to(v.dtype), v, input_precision=PRECISION)
-        out_after = tl.dot(tl.where(after, scores, 0.0).to(v.dtype), v, input_precision=PRECISION)
-        diagonal = tl.sum(tl.where(before | after, 0.0, scores), axis=1)
-        out = diagonal[:, None] * v.to(tl.float32)
-    else:
-        out = tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
-    if WITH_DEN:
-        den = tl.sum(scores, axis=1)
-
-    # ---- Inter-chunk parts: read the forward state H_n and the backward state R_n ------------
-    # forward: exp(g_i) q_i^T H_n;  backward: exp(G - g_i) q_i^T R_n (slot 0 holds the first
-    # direction kept, the backward states follow the forward ones).
-    if HAS_DECAY:
+        # How a state is read: forward exp(g_i) q_i^T H_n, backward exp(G - g_i) q_i^T R_n.
         scale_before, scale_after = tl.exp(g), tl.exp(G - g)
     else:
         scale_before = tl.full([CHUNK], 1.0, tl.float32)
         scale_after = scale_before
-    if LOWER:
-        inter, inter_den = _read_state(q, offset, scale_before, S_ptr, z_ptr, u_ptr, w_ptr, bh * N + n,
-                                       dk, dv, DK, DV, WITH_DEN, ROW_OFFSET, COL_OFFSET, PRECISION)
-        if SPLIT:
-            out_before += inter
-        else:
-            out += inter
-        if WITH_DEN:
-            den += inter_den
-    if UPPER:
-        slot = 1 if LOWER else 0
-        inter, inter_den = _read_state(q, offset, scale_after, S_ptr, z_ptr, u_ptr, w_ptr, (slot * BH + bh) * N + n,
-                                       dk, dv, DK, DV, WITH_DEN, ROW_OFFSET, COL_OFFSET, PRECISION)
-        if SPLIT:
-            out_after += inter
-        else:
-            out += inter
-        if WITH_DEN:
-            den += inter_den
+    scores = tl.where(keep, scores, 0.0)  # masked scores W_ij = (q_i . k_j + offset) M_ij
+    # Where each direction's states are: slot 0 holds the first direction kept.
+    at_before = bh * N + n
+    at_after = ((1 if LOWER else 0) * BH + bh) * N + n
 
-    # ---- Epilogue: the partner row dots, the division by the normaliser, the store ----------
-    out_at = (bh * L + rows[:, None]) * DV + dv[None, :]
-    if SPLIT:
-        out += out_before + out_after
-        # Each value tile holds a slice of the row: tiles add their share atomically.
-        p = tl.load(partner_ptr + out_at, mask=row_ok[:, None], other=0.0).to(tl.float32)
-        tl.atomic_add(dot_before_ptr + bh * L + rows, tl.sum(p * out_before, axis=1), mask=row_ok)
-        tl.atomic_add(dot_after_ptr + bh * L + rows, tl.sum(p * out_after, axis=1), mask=row_ok)
-    if NORMALIZE:
-        den = tl.where(row_ok, den, 1.0)  # padded rows: avoid 0 / 0 (never stored)
-        out = out / den[:, None]
-    tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    # ---- The normaliser: the same three sums with every v_j = 1 -------------------------------
     if WITH_DEN:
-        if v_tile == 0:  # every value tile computed the normaliser; one stores it
-            tl.store(den_ptr + bh * L + rows, den, mask=row_ok)
+        den = tl.sum(scores, axis=1)
+        if LOWER:
+            den += scale_before * tl.sum(q.to(tl.float32) * tl.load(z_ptr + at_before * DK + dk)[None, :], axis=1)
+        if UPPER:
+            den += scale_after * tl.sum(q.to(tl.float32) * tl.load(z_ptr + at_after * DK + dk)[None, :], axis=1)
+        tl.store(den_ptr + bh * L + rows, den, mask=row_ok)
+        den = tl.where(row_ok, den, 1.0)  # padded rows: avoid 0 / 0 below (never stored)
+    if SPLIT:
+        # Keys before i, keys after i and the diagonal apart (the diagonal is in neither
+        # partner dot: its decay is 1, so it does not enter the decay gradient).
+        scores_before = tl.where(before, scores, 0.0)
+        scores_after = tl.where(after, scores, 0.0)
+        diagonal = tl.sum(tl.where(before | after, 0.0, scores), axis=1)
+        dot_before = tl.zeros([CHUNK], dtype=tl.float32)
+        dot_after = tl.zeros([CHUNK], dtype=tl.float32)
+
+    # ---- One tile of value columns at a time --------------------------------------------------
+    for tile in range(0, DV // BLOCK_DV):
+        dv = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        out_at = (bh * L + rows[:, None]) * DV + dv[None, :]
+        v = tl.load(v_ptr + out_at, mask=row_ok[:, None], other=0.0)  # V_n [C, BLOCK_DV]
+
+        # Intra-chunk part W V_n, then the states' shares (keys before / after the chunk).
+        if SPLIT:
+            out_before = tl.dot(scores_before.to(v.dtype), v, input_precision=PRECISION)
+            out_after = tl.dot(scores_after.to(v.dtype), v, input_precision=PRECISION)
+            if LOWER:
+                out_before += _state_share(q, offset, scale_before, S_ptr, u_ptr, w_ptr, at_before, dk, dv,
+                                           DK, DV, ROW_OFFSET, COL_OFFSET, PRECISION)
+            if UPPER:
+                out_after += _state_share(q, offset, scale_after, S_ptr, u_ptr, w_ptr, at_after, dk, dv,
+                                          DK, DV, ROW_OFFSET, COL_OFFSET, PRECISION)
+            out = out_before + out_after + diagonal[:, None] * v.to(tl.float32)
+            p = tl.load(partner_ptr + out_at, mask=row_ok[:, None], other=0.0).to(tl.float32)
+            dot_before += tl.sum(p * out_before, axis=1)
+            dot_after += tl.sum(p * out_after, axis=1)
+        else:
+            out = tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
+            if LOWER:
+                out += _state_share(q, offset, scale_before, S_ptr, u_ptr, w_ptr, at_before, dk, dv,
+                                    DK, DV, ROW_OFFSET, COL_OFFSET, PRECISION)
+            if UPPER:
+                out += _state_share(q, offset, scale_after, S_ptr, u_ptr, w_ptr, at_after, dk, dv,
+                                    DK, DV, ROW_OFFSET, COL_OFFSET, PRECISION)
+        if NORMALIZE:
+            out = out / den[:, None]
+        tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+
+    if SPLIT:
+        tl.store(dot_before_ptr + bh * L + rows, dot_before, mask=row_ok)
+        tl.store(dot_after_ptr + bh * L + rows, dot_after, mask=row_ok)

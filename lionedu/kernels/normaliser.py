@@ -1,0 +1,50 @@
+"""The first step of the backward pass: the gradient through the normaliser (MATH.md section 6).
+
+With ``y_i = N_i / c_i`` and the incoming gradient ``dy_i``:
+
+    dN_i = dy_i / c_i                 (a row of Dv values, in the inputs' dtype)
+    dc_i = -(dy_i . y_i) / c_i        (one float32 number per row)
+
+One pass over ``dy`` and ``y``: every program takes ``ROWS`` rows of the flattened
+``[BH * L, Dv]`` tensors.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["normaliser_gradient"]
+
+ROWS = 32  # rows per program
+
+
+@triton.jit
+def normaliser_gradient_kernel(
+    dy_ptr, y_ptr,  # [R, DV] (R = BH * L rows), contiguous
+    den_ptr,  # normaliser c [R] float32
+    dn_ptr,  # out: dN [R, DV] in the inputs' dtype
+    dc_ptr,  # out: dc [R] float32
+    R,
+    DV: tl.constexpr, ROWS: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, DV)
+    ok = rows < R
+    at = rows[:, None] * DV + cols[None, :]
+    dy = tl.load(dy_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + at, mask=ok[:, None], other=0.0).to(tl.float32)
+    den = tl.load(den_ptr + rows, mask=ok, other=1.0)
+    tl.store(dn_ptr + at, (dy / den[:, None]).to(dn_ptr.dtype.element_ty), mask=ok[:, None])
+    tl.store(dc_ptr + rows, -tl.sum(dy * y, axis=1) / den, mask=ok)
+
+
+def normaliser_gradient(dy: torch.Tensor, y: torch.Tensor, den: torch.Tensor):
+    """``dy, y: [BH, L, DV]`` (DV a power of two), ``den: [BH, L]`` float32 ->
+    ``dN [BH, L, DV]`` in ``y``'s dtype and ``dc [BH, L]`` float32."""
+    dy = dy.contiguous()
+    BH, L, DV = y.shape
+    dn = torch.empty_like(y)
+    dc = torch.empty(BH, L, device=y.device, dtype=torch.float32)
+    normaliser_gradient_kernel[(triton.cdiv(BH * L, ROWS),)](dy, y, den, dn, dc, BH * L, DV=DV, ROWS=ROWS, num_warps=4)
+    return dn, dc
