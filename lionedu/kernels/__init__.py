@@ -31,9 +31,16 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def interpreted() -> bool:
     """True if the kernels run through Triton's CPU interpreter (fixed when triton was imported)."""
+    return _INTERPRETED
+
+
+def _is_interpreted() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(chunk_output_kernel, InterpretedFunction)
+
+
+_INTERPRETED = _is_interpreted()
 
 
 def _check_kernel_inputs(q, v, chunk_size) -> None:
@@ -59,7 +66,7 @@ def _check_kernel_inputs(q, v, chunk_size) -> None:
         )
 
 
-def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_size=64):
+def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_size=64, check_values=True):
     """Masked linear attention with the Triton chunkwise kernels; differentiable.
 
     ``q, k: [B, H, L, D]``, ``v: [B, H, L, Dv]`` (float32, bfloat16 or float16; D, Dv <= 256),
@@ -68,20 +75,28 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     Accumulation is float32; float32 inputs use IEEE float32 dot products (no TF32).
     Gradients flow to q, k, v and log_decay (for a ``[H]`` decay, summed over batch and
     positions).
+
+    ``check_values`` reads ``log_decay`` to raise a ``ValueError`` for NaN, inf or positive
+    entries. Reading values on the host waits for the GPU once per call, which serialises
+    the host's launches with the device's work; pass ``False`` where the decays are valid by
+    construction (``logsigmoid`` of a projection, as in :class:`lionedu.nn.LionAttention`)
+    and the host overhead matters. Shapes, dtypes and devices are always checked.
     """
     check_inputs(q, k, v, log_decay, causal=causal, normalize=normalize, check_values=False)
     check_chunk_size(chunk_size)
     _check_kernel_inputs(q, v, chunk_size)
     B, H, L, D = q.shape
     Dv = v.shape[-1]
-    # Head dims are zero-padded to a power of two (>= 16), so every tile the kernels load is
-    # full: zero features leave q . k unchanged and zero value columns give zero outputs,
-    # which are cut off. With masked partial tiles, Triton 3.6 on an H100 produced invalid
-    # memory accesses for some 16-bit shapes (results/NOTES.md); common dims (16, 32, 64,
-    # 128) need no padding.
+    # Head dims are zero-padded to a power of two, at least 64 on a GPU (16 under the
+    # interpreter), so every tile the kernels load is full and at least 64 wide: zero
+    # features leave q . k unchanged and zero value columns give zero outputs, which are cut
+    # off. Narrower or partial tiles met Triton 3.6 code-generation faults on an H100
+    # (invalid memory accesses, and wrong values for 32-wide value tiles; results/NOTES.md).
+    least = 16 if interpreted() else 64
+
     def flat(t):
         width = t.shape[-1]
-        padded = max(16, triton.next_power_of_2(width))
+        padded = max(least, triton.next_power_of_2(width))
         if padded != width:
             t = torch.nn.functional.pad(t, (0, padded - width))
         return t.reshape(B * H, L, padded).contiguous()
@@ -92,5 +107,7 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     y = ChunkwiseAttention.apply(flat(q), flat(k), flat(v), l, causal, normalize, chunk_size)
     # The decay values are checked once the kernels are queued, so the device works while
     # the host waits for the check; on bad values the result is discarded.
-    check_log_decay_values(log_decay)
-    return y.reshape(B, H, L, -1)[..., :Dv]
+    if check_values:
+        check_log_decay_values(log_decay)
+    y = y.reshape(B, H, L, -1)
+    return y if y.shape[-1] == Dv else y[..., :Dv]

@@ -16,15 +16,18 @@ from .states import chunk_states_kernel
 __all__ = ["padded_chunk_sums", "masked_operator", "launch_config"]
 
 
-def launch_config(dk: int, dv: int) -> dict:
-    """Value-tile widths and warps for head dims ``dk``, ``dv`` (results/NOTES.md, tuning).
+def launch_config(dk: int, dv: int, chunk: int) -> dict:
+    """Value-tile widths, warps and pipeline stages for head dims ``dk``, ``dv`` and chunk
+    size ``chunk`` (results/NOTES.md, tuning).
 
     The states kernel walks chunks one after another, so it wants many small programs; the
     output kernel is parallel over chunks already and wants wide tiles (each value tile
     recomputes the ``C x C`` scores).
     """
-    return dict(states_block_dv=min(dv, 32), states_warps=4, states_stages=3,
-                output_block_dv=min(dv, 64), output_warps=4 if dk <= 128 else 8)
+    wide = dk > 128 or dv > 128
+    return dict(states_block_dv=min(dv, 32), states_warps=4, states_stages=2 if wide else 3,
+                output_block_dv=min(dv, 64), output_warps=8 if wide or chunk > 64 else 4,
+                output_stages=1)
 
 
 def padded_chunk_sums(log_decay, chunk_size: int):
@@ -65,7 +68,7 @@ def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, no
     DV = v.shape[-1]
     N = triton.cdiv(L, chunk_size)
     slots = int(lower) + int(upper)
-    cfg = launch_config(DK, DV)
+    cfg = launch_config(DK, DV, chunk_size)
     f32 = dict(device=q.device, dtype=torch.float32)
     offset = row_offset if row_offset is not None else col_offset
     dummy = q  # stands in for pointers a configuration never reads
@@ -94,5 +97,5 @@ def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, no
         L, N,
         LOWER=lower, UPPER=upper, WITH_DEN=with_den, NORMALIZE=normalize,
         ROW_OFFSET=row_offset is not None, COL_OFFSET=col_offset is not None, SPLIT=partner is not None,
-        BLOCK_DV=cfg["output_block_dv"], num_warps=cfg["output_warps"], **flags)
+        BLOCK_DV=cfg["output_block_dv"], num_warps=cfg["output_warps"], num_stages=cfg["output_stages"], **flags)
     return out, den, dots
