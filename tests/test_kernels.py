@@ -10,6 +10,9 @@ gradient, set by the input precision: float32 with IEEE products lands near 1e-7
 bfloat16 (8-bit mantissa, unit round-off 2^-9) and float16 (11-bit, 2^-12) round every
 input, every matmul operand and the output, so a few unit round-offs: 2e-2 and 3e-3.
 """
+import json
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -81,6 +84,15 @@ def compare(B, H, L, D, Dv, variant, causal, normalize, chunk_size, dtype, devic
 
 
 def assert_close(errors, dtype):
+    """Check the errors of :func:`compare` against the dtype's tolerances.
+
+    With ``LIONEDU_ERROR_LOG=path`` set, every call also appends its errors as one JSON line
+    (results/reproduce.sh summarises the worst error per dtype from it).
+    """
+    if os.environ.get("LIONEDU_ERROR_LOG"):
+        with open(os.environ["LIONEDU_ERROR_LOG"], "a") as log:
+            test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+            log.write(json.dumps({"test": test, "dtype": str(dtype).removeprefix("torch."), "errors": errors}) + "\n")
     fwd_tol, grad_tol = TOL[dtype]
     names = ["y", "dq", "dk", "dv", "dlog_decay"]
     report = ", ".join(f"{n} {e:.2e}" for n, e in zip(names, errors))
