@@ -150,6 +150,22 @@ def test_non_contiguous_output_gradient():
         assert _rel(got, ref) < 1e-5
 
 
+@pytest.mark.parametrize("Dv", [16, 12])
+def test_output_is_a_tensor_of_its_own(Dv):
+    """The output is no view of a buffer inside the Function, so it can be changed in place
+    (autograd forbids that for views made inside a custom Function); one graph node."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.rand(2, 3, 21, 8, device=device, requires_grad=True)
+    k, v = torch.rand(2, 3, 21, 8, device=device), torch.randn(2, 3, 21, Dv, device=device)
+    ld = torch.full((3,), -0.2, device=device, requires_grad=True)
+    out = kernels.chunkwise(q, k, v, ld, chunk_size=16)
+    assert out._base is None and out.is_contiguous() and out.shape == (2, 3, 21, Dv)
+    assert type(out.grad_fn).__name__ == "ChunkwiseAttentionBackward"
+    expected = out.detach().clone() + 1
+    out.add_(1)
+    assert torch.equal(out.detach(), expected)
+
+
 def test_lion_attention_uses_the_kernels():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k = (torch.rand(1, 2, 19, 4, device=device) for _ in range(2))

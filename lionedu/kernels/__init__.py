@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 import triton
 
-from ..masks import per_token_log_decay
 from ..validation import check_chunk_size, check_inputs, check_log_decay_values
 from .autograd import ChunkwiseAttention
 from .output import chunk_output_kernel
@@ -85,29 +84,14 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     check_inputs(q, k, v, log_decay, causal=causal, normalize=normalize, check_values=False)
     check_chunk_size(chunk_size)
     _check_kernel_inputs(q, v, chunk_size)
-    B, H, L, D = q.shape
-    Dv = v.shape[-1]
     # Head dims are zero-padded to a power of two, at least 64 on a GPU (16 under the
-    # interpreter), so every tile the kernels load is full and at least 64 wide: zero
-    # features leave q . k unchanged and zero value columns give zero outputs, which are cut
-    # off. Narrower or partial tiles met Triton 3.6 code-generation faults on an H100
-    # (invalid memory accesses, and wrong values for 32-wide value tiles; results/NOTES.md).
+    # interpreter), so every tile the kernels load is full and at least 64 wide. Narrower or
+    # partial tiles met Triton 3.6 code-generation faults on an H100 (invalid memory
+    # accesses, and wrong values for 32-wide value tiles; results/NOTES.md).
     least = 16 if interpreted() else 64
-
-    def flat(t):
-        width = t.shape[-1]
-        padded = max(least, triton.next_power_of_2(width))
-        if padded != width:
-            t = torch.nn.functional.pad(t, (0, padded - width))
-        return t.reshape(B * H, L, padded).contiguous()
-
-    l = None
-    if log_decay is not None:
-        l = per_token_log_decay(log_decay, B, H, L, dtype=torch.float32, device=q.device).reshape(B * H, L).contiguous()
-    y = ChunkwiseAttention.apply(flat(q), flat(k), flat(v), l, causal, normalize, chunk_size)
+    y = ChunkwiseAttention.apply(q, k, v, log_decay, causal, normalize, chunk_size, least)
     # The decay values are checked once the kernels are queued, so the device works while
     # the host waits for the check; on bad values the result is discarded.
     if check_values:
         check_log_decay_values(log_decay)
-    y = y.reshape(B, H, L, -1)
-    return y if y.shape[-1] == Dv else y[..., :Dv]
+    return y

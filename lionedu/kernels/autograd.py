@@ -1,70 +1,118 @@
 """``ChunkwiseAttention``: the autograd.Function that makes attention and its gradients out
-of masked operators (chunk states, then chunk outputs; :mod:`.launch`).
+of the two kernels (chunk states, then chunk outputs; :mod:`.launch`).
 
-Forward (MATH.md sections 3-5): one operator with the full mask (its lower triangle when
-causal) gives ``N = (Q K^T ⊙ M) V`` and the normaliser ``c`` together; ``y = N / c``.
+It takes the caller's ``[B, H, L, .]`` tensors and does all of its reshaping inside, so a
+call adds a single node to the autograd graph (every extra node costs host time in the
+backward pass, which at short lengths is what the GPU waits for).
+
+Forward (MATH.md sections 3-5): the states of the keys (``H`` before each chunk, ``R`` after
+it) and their key sums ``z``, then one pass of outputs with the full mask (its lower
+triangle when causal) gives ``N = (Q K^T ⊙ M) V`` and the normaliser ``c``; ``y = N / c``.
 
 Backward (MATH.md section 6): with ``V~ = [V, 1]`` and ``dO~ = [dN, dc]``,
 ``dN = dY / c``, ``dc = -(dY . Y) / c``, and because ``M`` is symmetric each gradient is the
 same masked operator with other arguments:
 
-- ``dQ = (dO~ V~^T ⊙ M) K``  = operator(dN, V, K) with the row offset ``dc_i`` in the scores
-- ``dK = (V~ dO~^T ⊙ M) Q``  = operator(V, dN, Q) with the column offset ``dc_j``
-- ``dV = (K Q^T ⊙ M) dN``    = operator(K, Q, dN)
+- ``dQ = (dO~ V~^T ⊙ M) K``  with the row offset ``dc_i`` in the scores
+- ``dK = (V~ dO~^T ⊙ M) Q``  with the column offset ``dc_j``
+- ``dV = (K Q^T ⊙ M) dN``
 
 (``dO~_i . V~_j = dN_i . v_j + dc_i``: the ones column becomes a float32 offset, which keeps
 the near-cancellation of ``dN_i . v_j`` and ``dc_i`` in float32.) In the causal case the
 mask of dK and dV is transposed: their operators take the keys *after* each query.
+
+Three operators, but only one new pass of states: dQ's states ``sum_j v_j k_j^T`` are the
+transposes of the forward's ``sum_j k_j v_j^T`` (and its value sums ``sum_j k_j`` are the
+forward's key sums ``z``), so the forward keeps them; dV's states ``sum_j q_j dN_j^T`` are the
+transposes of dK's ``sum_j dN_j q_j^T``. The output kernel reads a state transposed when told.
 
 The decay gradient needs ``W_ij = M_ij (q_i . k_j) (dO~_i . V~_j)`` summed over the pairs
 that straddle each position. With the row sums of ``W`` over keys before / after ``i``
 (``q_i . dQ`` restricted to those keys) and the column sums (``k_j . dK`` restricted), which
 the dQ and dK operators return as partner row dots:
 ``dl_t = sum_{i>=t} (r^<_i - c^>_i) + sum_{i<t} (r^>_i - c^<_i)``.
-Nothing from the forward pass is kept but the inputs, ``y``, the normaliser and ``g``.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+import triton
 
-from .launch import masked_operator, padded_chunk_sums
+from ..masks import per_token_log_decay
+from .launch import States, chunk_outputs, chunk_states, padded_chunk_sums
 from .normaliser import normaliser_gradient
 
 __all__ = ["ChunkwiseAttention"]
 
 
+def _flatten(t, least: int):
+    """``[B, H, L, d] -> [B*H, L, p]``, contiguous, ``d`` zero-padded to ``p``: the next power
+    of two, at least ``least`` (zero features leave ``q . k`` unchanged, zero value columns
+    give zero outputs)."""
+    B, H, L, d = t.shape
+    p = max(least, triton.next_power_of_2(d))
+    if p != d:
+        t = F.pad(t, (0, p - d))
+    return t.reshape(B * H, L, p).contiguous()
+
+
+def _unflatten(t, B: int, H: int, d: int):
+    """``[B*H, L, p] -> [B, H, L, d]``: the inverse of :func:`_flatten` (a view)."""
+    t = t.view(B, H, t.shape[1], t.shape[2])
+    return t if t.shape[-1] == d else t[..., :d]
+
+
 class ChunkwiseAttention(torch.autograd.Function):
-    """``y = Scale(Q K^T ⊙ M) V`` on ``[BH, L, .]`` tensors; see the module docstring."""
+    """``y = Scale(Q K^T ⊙ M) V`` on ``[B, H, L, .]`` tensors; see the module docstring.
+
+    ``least``: head dims are padded to a power of two at least this wide (:mod:`lionedu.kernels`).
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, causal: bool, normalize: bool, chunk_size: int):
-        # q, k: [BH, L, D]; v: [BH, L, Dv]; log_decay: [BH, L] float32 or None.
-        g = padded_chunk_sums(log_decay, chunk_size)
-        y, den, _ = masked_operator(q, k, v, g, lower=True, upper=not causal, chunk_size=chunk_size,
-                                    with_den=normalize, normalize=normalize)
-        ctx.save_for_backward(q, k, v, g, y, den)
-        ctx.causal, ctx.normalize, ctx.chunk_size = causal, normalize, chunk_size
-        return y
+    def forward(ctx, q, k, v, log_decay, causal: bool, normalize: bool, chunk_size: int, least: int):
+        B, H, L, D = q.shape
+        Dv = v.shape[-1]
+        q_, k_, v_ = (_flatten(t, least) for t in (q, k, v))  # [BH, L, D'], [BH, L, D'], [BH, L, Dv']
+        l = None
+        if log_decay is not None:
+            l = per_token_log_decay(log_decay, B, H, L, dtype=torch.float32, device=q.device).reshape(B * H, L)
+        g = padded_chunk_sums(l, chunk_size)
+        opts = dict(lower=True, upper=not causal, chunk_size=chunk_size)
+        states = chunk_states(k_, v_, g, with_z=normalize, **opts)
+        # The output is written straight into a [B, H, L, Dv'] tensor: the Function must not
+        # return a view of something it made (autograd forbids in-place changes to those).
+        y = torch.empty(B, H, L, v_.shape[-1], device=v.device, dtype=v.dtype)
+        _, den, _ = chunk_outputs(q_, k_, v_, g, states, with_den=normalize, normalize=normalize,
+                                  out=y.view(B * H, L, -1), **opts)
+        ctx.save_for_backward(q_, k_, v_, g, y, den, states.S, states.z)
+        ctx.causal, ctx.normalize, ctx.chunk_size, ctx.least = causal, normalize, chunk_size, least
+        ctx.shape, ctx.decay_dim = (B, H, D, Dv), None if log_decay is None else log_decay.dim()
+        ctx.decay_dtype = None if log_decay is None else log_decay.dtype
+        return y if y.shape[-1] == Dv else y[..., :Dv].clone()
 
     @staticmethod
     def backward(ctx, dy):
-        q, k, v, g, y, den = ctx.saved_tensors
-        causal = ctx.causal
+        q, k, v, g, y, den, S, z = ctx.saved_tensors
+        B, H, D, Dv = ctx.shape
+        dy = _flatten(dy.to(v.dtype), ctx.least)
         if ctx.normalize:
-            dn, dc = normaliser_gradient(dy, y, den)  # dN = dY / c, dc = -(dY . Y) / c
+            dn, dc = normaliser_gradient(dy, y.view(dy.shape), den)  # dN = dY / c, dc = -(dY . Y) / c
         else:
-            dn, dc = dy.to(q.dtype).contiguous(), None
+            dn, dc = dy, None
         want_decay = g is not None and ctx.needs_input_grad[3]
         # Keys before the query (forward), after it (backward): for dQ as for attention;
         # dK and dV see the transposed mask, so in the causal case they take the keys after.
-        before, after = (True, not causal)
-        t_before, t_after = (not causal, True)
-        opts = dict(chunk_size=ctx.chunk_size)
-        dq, _, r = masked_operator(dn, v, k, g, lower=before, upper=after, row_offset=dc,
-                                   partner=q if want_decay else None, **opts)
-        dk, _, c = masked_operator(v, dn, q, g, lower=t_before, upper=t_after, col_offset=dc,
-                                   partner=k if want_decay else None, **opts)
-        dv, _, _ = masked_operator(k, q, dn, g, lower=t_before, upper=t_after, **opts)
+        plain = dict(lower=True, upper=not ctx.causal, chunk_size=ctx.chunk_size)
+        flipped = dict(lower=not ctx.causal, upper=True, chunk_size=ctx.chunk_size)
+
+        # dQ = A(dN, V, K) + row offset dc: the forward's states, read transposed.
+        dq, _, r = chunk_outputs(dn, v, k, g, States(S, u=z), row_offset=dc, transposed_state=True,
+                                 partner=q if want_decay else None, **plain)
+        # dK = A(V, dN, Q) + column offset dc: one new pass of states (keys dN, values Q) ...
+        states = chunk_states(dn, q, g, col_offset=dc, **flipped)
+        dk, _, c = chunk_outputs(v, dn, q, g, states, col_offset=dc, partner=k if want_decay else None, **flipped)
+        # ... which dV = A(K, Q, dN) reads transposed.
+        dv, _, _ = chunk_outputs(k, q, dn, g, States(states.S), transposed_state=True, **flipped)
 
         d_log_decay = None
         if want_decay:
@@ -73,9 +121,12 @@ class ChunkwiseAttention(torch.autograd.Function):
             # through the suffix sums of a = r^< - c^<, upper ones through the exclusive
             # prefix sums of b = r^> - c^> (zero when causal).
             (r_before, r_after), (c_after, c_before) = r, c
-            # dl_t = sum_{i>=t} a_i + sum_{i<t} b_i = sum_i a_i + sum_{i<t} (b_i - a_i):
-            # one exclusive prefix sum, in float64.
+            # dl_t = sum_{i>=t} a_i + sum_{i<t} (b_i - a_i): one exclusive prefix sum, in float64.
             a = (r_before - c_before).double()
             d = (r_after - c_after).double() - a
-            d_log_decay = (a.sum(-1, keepdim=True) + d.cumsum(-1) - d).float()
-        return dq, dk, dv, d_log_decay, None, None, None
+            d_log_decay = (a.sum(-1, keepdim=True) + d.cumsum(-1) - d).view(B, H, -1)
+            if ctx.decay_dim == 1:  # one decay per head: summed over batch and positions
+                d_log_decay = d_log_decay.sum((0, 2))
+            d_log_decay = d_log_decay.to(ctx.decay_dtype)
+        return (_unflatten(dq, B, H, D), _unflatten(dk, B, H, D), _unflatten(dv, B, H, Dv), d_log_decay,
+                None, None, None, None)

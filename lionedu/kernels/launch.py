@@ -1,10 +1,14 @@
 """Launching the two kernels: one masked operator = chunk states, then chunk outputs.
 
 Everything here works on flattened, contiguous ``[BH, L, .]`` tensors whose head dims are
-powers of two (the public wrapper pads them); :mod:`.autograd` composes operators into
-attention and its gradients.
+powers of two (:mod:`.autograd` pads them). :func:`chunk_states` runs kernel 1 and
+:func:`chunk_outputs` kernel 2; :func:`masked_operator` is the two in a row. The backward
+pass calls the two halves separately, because several of its operators read the same
+states (:mod:`.autograd`).
 """
 from __future__ import annotations
+
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +17,7 @@ import triton
 from .output import chunk_output_kernel
 from .states import chunk_states_kernel
 
-__all__ = ["padded_chunk_sums", "masked_operator", "launch_config"]
+__all__ = ["States", "padded_chunk_sums", "chunk_states", "chunk_outputs", "masked_operator", "launch_config"]
 
 
 def launch_config(dk: int, dv: int, chunk: int) -> dict:
@@ -40,14 +44,105 @@ def padded_chunk_sums(log_decay, chunk_size: int):
         return None
     BH, L = log_decay.shape
     N = triton.cdiv(L, chunk_size)
-    padded = F.pad(log_decay.float(), (0, N * chunk_size - L))
-    return padded.view(BH, N, chunk_size).cumsum(-1).view(BH, N * chunk_size)
+    padded = log_decay.float()
+    if N * chunk_size != L:
+        padded = F.pad(padded, (0, N * chunk_size - L))
+    return padded.reshape(BH, N, chunk_size).cumsum(-1).view(BH, N * chunk_size)
+
+
+class States(NamedTuple):
+    """What kernel 1 leaves for kernel 2, for keys ``[BH, L, DK]`` and values ``[BH, L, DV]``.
+
+    ``S [slots, BH, N, DK, DV]`` (the inputs' dtype) holds the state entering each chunk,
+    slot 0 for the first direction asked for; ``z [slots, BH, N, DK]``, ``u`` and ``w``
+    ``[slots, BH, N, DV]`` (float32, or ``None`` where not computed) the decayed sums of the
+    keys, the values and the values times the column offsets.
+    """
+    S: torch.Tensor
+    z: Optional[torch.Tensor] = None
+    u: Optional[torch.Tensor] = None
+    w: Optional[torch.Tensor] = None
+
+
+def _flags(q, g, chunk_size):
+    """The compile-time switches both kernels share."""
+    return dict(HAS_DECAY=g is not None, CHUNK=chunk_size,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: bool = False,
+                 with_u: bool = False, col_offset=None) -> States:
+    """Kernel 1: the states every chunk reads, for keys ``k [BH, L, DK]`` and values ``v [BH, L, DV]``.
+
+    ``lower`` / ``upper`` ask for the forward states (keys before each chunk) and the
+    backward states (keys after it); ``with_z``, ``with_u`` and ``col_offset`` (``b [BH, L]``
+    float32) for the key sums, value sums and offset-weighted value sums.
+    """
+    if not (lower or upper):
+        raise ValueError("chunk_states needs lower, upper or both")
+    BH, L, DK = k.shape
+    DV = v.shape[-1]
+    N = triton.cdiv(L, chunk_size)
+    slots = int(lower) + int(upper)
+    cfg = launch_config(DK, DV, chunk_size)
+    f32 = dict(device=k.device, dtype=torch.float32)
+    st = States(torch.empty(slots, BH, N, DK, DV, device=k.device, dtype=k.dtype),
+                torch.empty(slots, BH, N, DK, **f32) if with_z else None,
+                torch.empty(slots, BH, N, DV, **f32) if with_u else None,
+                torch.empty(slots, BH, N, DV, **f32) if col_offset is not None else None)
+    dummy = k  # stands in for pointers a configuration never reads
+    chunk_states_kernel[(BH, DV // cfg["states_block_dv"], slots)](
+        k, v, dummy if g is None else g, dummy if col_offset is None else col_offset,
+        st.S, *(dummy if t is None else t for t in st[1:]), L, N,
+        FIRST_DIRECTION=0 if lower else 1, WITH_Z=with_z, WITH_U=with_u, WITH_W=col_offset is not None,
+        DK=DK, DV=DV, BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"],
+        num_stages=cfg["states_stages"], **_flags(k, g, chunk_size))
+    return st
+
+
+def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk_size: int,
+                  normalize: bool = False, with_den: bool = False, row_offset=None, col_offset=None,
+                  partner=None, transposed_state: bool = False, out=None):
+    """Kernel 2: ``out_i = sum_j M_ij (q_i . k_j + a_i + b_j) v_j`` for every chunk at once.
+
+    ``q, k: [BH, L, DK]``, ``v: [BH, L, DV]``; ``states`` from :func:`chunk_states` for the
+    same ``lower`` / ``upper`` (``S`` as ``[.., DK, DV]``, or as ``[.., DV, DK]`` with
+    ``transposed_state``; ``z`` with ``with_den``, ``u`` with ``row_offset``, ``w`` with
+    ``col_offset``). ``out``: where to write the result (a contiguous ``[BH, L, DV]`` tensor
+    in ``v``'s dtype), or ``None`` for a new one. See :func:`masked_operator` for the rest.
+    """
+    if row_offset is not None and col_offset is not None:
+        raise ValueError("chunk_outputs takes a row offset or a column offset, not both")
+    if normalize and not with_den:
+        raise ValueError("normalize needs with_den")
+    if not (lower or upper):
+        raise ValueError("chunk_outputs needs lower, upper or both")
+    BH, L, DK = q.shape
+    DV = v.shape[-1]
+    N = triton.cdiv(L, chunk_size)
+    cfg = launch_config(DK, DV, chunk_size)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    offset = row_offset if row_offset is not None else col_offset
+    if out is None:
+        out = torch.empty(BH, L, DV, device=q.device, dtype=v.dtype)
+    den = torch.empty(BH, L, **f32) if with_den else None
+    dots = (torch.empty(BH, L, **f32), torch.empty(BH, L, **f32)) if partner is not None else None
+    dummy = q
+    pointer = lambda t: dummy if t is None else t  # noqa: E731
+    chunk_output_kernel[(N, BH)](
+        q, k, v, pointer(g), pointer(offset), states.S, pointer(states.z), pointer(states.u), pointer(states.w),
+        pointer(partner), out, pointer(den), *(dots if dots is not None else (dummy, dummy)), L, N,
+        LOWER=lower, UPPER=upper, WITH_DEN=with_den, NORMALIZE=normalize,
+        ROW_OFFSET=row_offset is not None, COL_OFFSET=col_offset is not None, SPLIT=partner is not None,
+        TRANSPOSED_STATE=transposed_state, DK=DK, DV=DV, BLOCK_DV=cfg["output_block_dv"],
+        num_warps=cfg["output_warps"], num_stages=cfg["output_stages"], **_flags(q, g, chunk_size))
+    return out, den, dots
 
 
 def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, normalize: bool = False,
                     with_den: bool = False, row_offset=None, col_offset=None, partner=None):
     """``out_i = sum_j M_ij (q_i . k_j + a_i + b_j) v_j`` over ``j = i`` and, with ``lower``
-    / ``upper``, the keys before / after ``i``.
+    / ``upper``, the keys before / after ``i``: :func:`chunk_states`, then :func:`chunk_outputs`.
 
     ``q, k: [BH, L, DK]``, ``v: [BH, L, DV]`` (one dtype, contiguous, DK and DV powers of two
     >= 16); ``g`` from :func:`padded_chunk_sums` or ``None`` (LIT); ``row_offset`` ``a`` or
@@ -60,42 +155,8 @@ def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, no
     """
     if row_offset is not None and col_offset is not None:
         raise ValueError("masked_operator takes a row offset or a column offset, not both")
-    if normalize and not with_den:
-        raise ValueError("normalize needs with_den")
-    if not (lower or upper):
-        raise ValueError("masked_operator needs lower, upper or both")
-    BH, L, DK = q.shape
-    DV = v.shape[-1]
-    N = triton.cdiv(L, chunk_size)
-    slots = int(lower) + int(upper)
-    cfg = launch_config(DK, DV, chunk_size)
-    f32 = dict(device=q.device, dtype=torch.float32)
-    offset = row_offset if row_offset is not None else col_offset
-    dummy = q  # stands in for pointers a configuration never reads
-    flags = dict(HAS_DECAY=g is not None, CHUNK=chunk_size, DK=DK, DV=DV,
-                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-
-    # Kernel 1: the states each chunk reads, [slots, BH, N, DK, DV] (+ the vectors it needs).
-    S = torch.empty(slots, BH, N, DK, DV, device=q.device, dtype=q.dtype)
-    z = torch.empty(slots, BH, N, DK, **f32) if with_den else dummy
-    u = torch.empty(slots, BH, N, DV, **f32) if row_offset is not None else dummy
-    w = torch.empty(slots, BH, N, DV, **f32) if col_offset is not None else dummy
-    chunk_states_kernel[(BH, DV // cfg["states_block_dv"], slots)](
-        k, v, g if g is not None else dummy, col_offset if col_offset is not None else dummy,
-        S, z, u, w, L, N,
-        FIRST_DIRECTION=0 if lower else 1, WITH_Z=with_den, WITH_U=row_offset is not None,
-        WITH_W=col_offset is not None, BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"], num_stages=cfg["states_stages"], **flags)
-
-    # Kernel 2: every chunk's output, all chunks in parallel.
-    out = torch.empty(BH, L, DV, device=q.device, dtype=v.dtype)
-    den = torch.empty(BH, L, **f32) if with_den else None
-    dots = (torch.empty(BH, L, **f32), torch.empty(BH, L, **f32)) if partner is not None else None
-    chunk_output_kernel[(N, BH)](
-        q, k, v, g if g is not None else dummy, offset if offset is not None else dummy,
-        S, z, u, w, partner if partner is not None else dummy,
-        out, den if den is not None else dummy, *(dots if dots is not None else (dummy, dummy)),
-        L, N,
-        LOWER=lower, UPPER=upper, WITH_DEN=with_den, NORMALIZE=normalize,
-        ROW_OFFSET=row_offset is not None, COL_OFFSET=col_offset is not None, SPLIT=partner is not None,
-        BLOCK_DV=cfg["output_block_dv"], num_warps=cfg["output_warps"], num_stages=cfg["output_stages"], **flags)
-    return out, den, dots
+    states = chunk_states(k, v, g, lower=lower, upper=upper, chunk_size=chunk_size, with_z=with_den,
+                          with_u=row_offset is not None, col_offset=col_offset)
+    return chunk_outputs(q, k, v, g, states, lower=lower, upper=upper, chunk_size=chunk_size,
+                         normalize=normalize, with_den=with_den, row_offset=row_offset,
+                         col_offset=col_offset, partner=partner)

@@ -26,10 +26,17 @@ import triton.language as tl
 
 @triton.jit
 def _state_share(q, offset, read_scale, S_ptr, u_ptr, w_ptr, at, dk, dv, DK: tl.constexpr, DV: tl.constexpr,
-                 ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr, PRECISION: tl.constexpr):
+                 ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr, TRANSPOSED_STATE: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """One stored state's share of a chunk's output, ``read_scale_i (q_i^T S + a_i u + w)``,
-    for the value columns ``dv``: ``[C, BLOCK_DV]`` float32. ``at`` indexes the state."""
-    state = tl.load(S_ptr + at * DK * DV + dk[:, None] * DV + dv[None, :])
+    for the value columns ``dv``: ``[C, BLOCK_DV]`` float32. ``at`` indexes the state.
+
+    With ``TRANSPOSED_STATE`` the state was stored as ``S^T`` (``[DV, DK]``): another operator
+    with keys and values swapped computed it, and it is read in transposed order."""
+    if TRANSPOSED_STATE:
+        state = tl.load(S_ptr + at * DK * DV + dv[None, :] * DK + dk[:, None])
+    else:
+        state = tl.load(S_ptr + at * DK * DV + dk[:, None] * DV + dv[None, :])
     share = tl.dot(q, state.to(q.dtype), input_precision=PRECISION)
     if ROW_OFFSET:
         share += offset[:, None] * tl.load(u_ptr + at * DV + dv)[None, :]
@@ -56,6 +63,7 @@ def chunk_output_kernel(
     NORMALIZE: tl.constexpr,  # divide by the normaliser before storing
     ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,  # scores q_i . k_j + a_i  /  + b_j
     SPLIT: tl.constexpr,  # also compute the partner row dots
+    TRANSPOSED_STATE: tl.constexpr,  # the states are stored transposed, [DV, DK] (see _state_share)
     CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,  # value columns per step of the tile loop
     PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32); ignored for 16-bit
@@ -138,10 +146,10 @@ def chunk_output_kernel(
             out_after = tl.dot(scores_after.to(v.dtype), v, input_precision=PRECISION)
             if LOWER:
                 out_before += _state_share(q, offset, scale_before, S_ptr, u_ptr, w_ptr, at_before, dk, dv,
-                                           DK, DV, ROW_OFFSET, COL_OFFSET, PRECISION)
+                                           DK, DV, ROW_OFFSET, COL_OFFSET, TRANSPOSED_STATE, PRECISION)
             if UPPER:
                 out_after += _state_share(q, offset, scale_after, S_ptr, u_ptr, w_ptr, at_after, dk, dv,
-                                          DK, DV, ROW_OFFSET, COL_OFFSET, PRECISION)
+                                          DK, DV, ROW_OFFSET, COL_OFFSET, TRANSPOSED_STATE, PRECISION)
             out = out_before + out_after + diagonal[:, None] * v.to(tl.float32)
             p = tl.load(partner_ptr + out_at, mask=row_ok[:, None], other=0.0).to(tl.float32)
             dot_before += tl.sum(p * out_before, axis=1)
@@ -150,10 +158,10 @@ def chunk_output_kernel(
             out = tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
             if LOWER:
                 out += _state_share(q, offset, scale_before, S_ptr, u_ptr, w_ptr, at_before, dk, dv,
-                                    DK, DV, ROW_OFFSET, COL_OFFSET, PRECISION)
+                                    DK, DV, ROW_OFFSET, COL_OFFSET, TRANSPOSED_STATE, PRECISION)
             if UPPER:
                 out += _state_share(q, offset, scale_after, S_ptr, u_ptr, w_ptr, at_after, dk, dv,
-                                    DK, DV, ROW_OFFSET, COL_OFFSET, PRECISION)
+                                    DK, DV, ROW_OFFSET, COL_OFFSET, TRANSPOSED_STATE, PRECISION)
         if NORMALIZE:
             out = out / den[:, None]
         tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
