@@ -98,14 +98,36 @@ def implementation(name):
     raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(IMPLS)}")
 
 
-def measure(fn, variant, causal, B, H, L, D, Dv, dtype, warmup_ms=25, rep_ms=100):
-    """One benchmark row's numbers: fwd_ms, fwdbwd_ms, peak_mib (medians of repeated runs)."""
+def graph_replay(step):
+    """Capture one call of ``step`` in a CUDA graph (after warm-up on a side stream, as
+    PyTorch asks) and return a function that replays it: the GPU's work with no host in between."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def measure(fn, variant, causal, B, H, L, D, Dv, dtype, warmup_ms=25, rep_ms=100, cuda_graph=False):
+    """One benchmark row's numbers: fwd_ms, fwdbwd_ms, peak_mib (medians of repeated runs).
+
+    ``cuda_graph``: time replays of CUDA graphs captured from one call instead of eager
+    calls, which removes the host's share (Python, launches, the autograd engine): what a
+    captured training step (``torch.compile(mode="reduce-overhead")``, ``torch.cuda.graphs``)
+    would see. Peak memory is always measured on eager calls.
+    """
     from triton.testing import do_bench
 
     q, k, v, ld = make_inputs(variant, B, H, L, D, Dv, dtype)
     leaves = [q, k, v] + ([] if ld is None or variant == "lit" else [ld])
+    timed = graph_replay if cuda_graph else (lambda step: step)
     with torch.no_grad():
-        fwd_ms = do_bench(lambda: fn(q, k, v, ld, causal), warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        fwd_ms = do_bench(timed(lambda: fn(q, k, v, ld, causal)), warmup=warmup_ms, rep=rep_ms, return_mode="median")
     for t in leaves:
         t.requires_grad_(True)
     dy = torch.randn(B, H, L, Dv, device="cuda", dtype=dtype)
@@ -121,7 +143,10 @@ def measure(fn, variant, causal, B, H, L, D, Dv, dtype, warmup_ms=25, rep_ms=100
     fwdbwd()
     torch.cuda.synchronize()
     peak_mib = torch.cuda.max_memory_allocated() / 2**20
-    fwdbwd_ms = do_bench(fwdbwd, warmup=warmup_ms, rep=rep_ms, return_mode="median", grad_to_none=leaves)
+    if cuda_graph:
+        fwdbwd_ms = do_bench(graph_replay(fwdbwd), warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    else:
+        fwdbwd_ms = do_bench(fwdbwd, warmup=warmup_ms, rep=rep_ms, return_mode="median", grad_to_none=leaves)
     return fwd_ms, fwdbwd_ms, peak_mib
 
 
@@ -161,7 +186,8 @@ def run(args) -> dict:
         else:
             try:
                 row["fwd_ms"], row["fwdbwd_ms"], row["peak_mib"] = measure(
-                    fn, variant, causal, args.batch, args.heads, L, args.head_dim, args.value_dim, dtype)
+                    fn, variant, causal, args.batch, args.heads, L, args.head_dim, args.value_dim, dtype,
+                    cuda_graph=args.cuda_graph)
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
             except Exception as exc:  # a failed case is a result, not a crash
@@ -175,12 +201,14 @@ def run(args) -> dict:
         "lionedu": lionedu.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "copy_tbps": copy_tbps,
+        "timing": "cuda-graph" if args.cuda_graph else "eager",
         "rows": rows,
     }
 
 
 def format_table(result: dict) -> str:
-    head = f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['date']}, copy {result['copy_tbps']:.2f} TB/s"
+    head = (f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['date']}, "
+            f"copy {result['copy_tbps']:.2f} TB/s, {result.get('timing', 'eager')} timing")
     cols = ["impl", "variant", "causal", "L", "fwd_ms", "fwdbwd_ms", "peak_mib", "fwd_floor_ms", "fwd/floor"]
     lines = [head, "  ".join(f"{c:>12}" for c in cols)]
     fmt = lambda x: "-" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))  # noqa: E731
@@ -221,7 +249,7 @@ def plot(result: dict, path: str) -> None:
     axes[2].legend(fontsize=7)
     r0 = result["rows"][0]
     fig.suptitle(f"{result['device']}: B={r0['B']} H={r0['H']} D={r0['D']} {r0['dtype']}; torch {result['torch']}, "
-                 f"triton {result['triton']}, {result['date']}", fontsize=10)
+                 f"triton {result['triton']}, {result['date']}, {result.get('timing', 'eager')} timing", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -238,6 +266,8 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--value-dim", type=int, default=None, help="Dv (default: the head dim)")
     p.add_argument("--impls", type=lambda s: s.split(","), default=list(IMPLS))
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time replays of CUDA graphs captured from one call (the GPU's time, no host overhead)")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write a PNG plot here")
     args = p.parse_args(argv)

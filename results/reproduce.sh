@@ -2,13 +2,20 @@
 # Regenerates everything under results/ on a CUDA machine, in one command:
 #   bash results/reproduce.sh [OUTDIR]      (default OUTDIR: results/)
 # 1. the GPU test suite (pytest -m gpu; worst error per dtype), 2. python -m lionedu.check on the GPU,
-# 3. python -m lionedu.bench (JSON + plot; the README and chapter 8 read these files).
+# (the tests run in 8 processes: pytest-xdist; compiling the kernels' variants is most of their time)
+# 3. python -m lionedu.bench (JSON + plot; the README and chapter 8 read these files), eager and
+#    with --cuda-graph.
 set -uo pipefail
 out=${1:-results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
-LIONEDU_ERROR_LOG="$out/gpu-errors.jsonl" python3 -m pytest -q -m gpu tests/test_kernels.py -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.log"
-python3 results/summarise_errors.py "$out/gpu-errors.jsonl" | tee "$out/gpu-errors-summary.txt"
-python3 -m lionedu.check --device cuda 2>&1 | tee "$out/check-gpu.log"
+# Files are named after the GPU: "NVIDIA H100 80GB HBM3" -> bench-h100.json, "NVIDIA H200" -> bench-h200.json.
+tag=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+LIONEDU_ERROR_LOG="$out/gpu-errors-$tag.jsonl" python3 -m pytest -q -m gpu tests -p no:cacheprovider -n 8 2>&1 | tee "$out/gpu-tests-$tag.log"
+python3 results/summarise_errors.py "$out/gpu-errors-$tag.jsonl" | tee "$out/gpu-errors-$tag.txt"
+python3 -m lionedu.check --device cuda 2>&1 | tee "$out/check-gpu-$tag.log"
 python3 -m lionedu.bench --variants s,d,lit --causal both --impls lionedu-triton,vectorized-chunkwise,attention-form,sdpa,fla \
-  --json "$out/bench-h100.json" --plot "$out/bench-h100.png" 2>&1 | tee "$out/bench.log"
+  --json "$out/bench-$tag.json" --plot "$out/bench-$tag.png" 2>&1 | tee "$out/bench-$tag.log"
+# 4. the same for the kernels and SDPA with CUDA-graph replays: the GPU's time without the host's.
+python3 -m lionedu.bench --variants s,d,lit --causal both --impls lionedu-triton,sdpa --cuda-graph \
+  --json "$out/bench-$tag-graph.json" --plot "$out/bench-$tag-graph.png" 2>&1 | tee "$out/bench-$tag-graph.log"

@@ -44,6 +44,7 @@ def test_bench_floor_counts_bytes():
 def test_bench_arguments_and_errors():
     args = bench.parse_args(["--lengths", "128,256", "--variants", "s,lit", "--causal", "both", "--dtype", "fp16"])
     assert args.lengths == [128, 256] and args.causal == [False, True] and args.value_dim == 64
+    assert not args.cuda_graph and bench.parse_args(["--cuda-graph"]).cuda_graph
     with pytest.raises(SystemExit):
         bench.parse_args(["--variants", "x"])
     with pytest.raises(SystemExit):
@@ -54,6 +55,16 @@ def test_bench_arguments_and_errors():
 def test_bench_without_gpu_says_so():
     out = subprocess.run([sys.executable, "-m", "lionedu.bench"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "needs a CUDA GPU" in out.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["lionedu-triton", "sdpa"])
+def test_bench_times_cuda_graph_replays(impl):
+    """--cuda-graph captures forward and forward+backward (no host sync may hide in them)."""
+    eager = bench.measure(bench.implementation(impl), "s", False, 2, 4, 512, 64, 64, torch.bfloat16, 5, 20)
+    graph = bench.measure(bench.implementation(impl), "s", False, 2, 4, 512, 64, 64, torch.bfloat16, 5, 20,
+                          cuda_graph=True)
+    assert all(x > 0 for x in eager + graph) and graph[2] == pytest.approx(eager[2], rel=0.2)
 
 
 def test_bench_table_and_plot_from_a_result(tmp_path):

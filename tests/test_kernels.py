@@ -150,6 +150,24 @@ def test_non_contiguous_output_gradient():
         assert _rel(got, ref) < 1e-5
 
 
+@settings(max_examples=6, deadline=None)
+@given(BH=st.integers(1, 3), L=st.sampled_from([1, 5, 1023, 1024, 1025, 2500]), seed=st.integers(0, 2**16))
+def test_decay_gradient_kernel(BH, L, seed):
+    """The decay-gradient kernel walks a sequence in blocks of 1024: lengths around and past
+    a block, against the formula in float64 (sum of a, plus the exclusive prefix sum of d)."""
+    from lionedu.kernels.decay_gradient import decay_gradient
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(seed)
+    rb, ra, cb, ca = (torch.randn(BH, L, device=device, generator=gen) for _ in range(4))
+    a = rb.double() - cb.double()
+    d = ra.double() - ca.double() - a
+    ref = a.sum(-1, keepdim=True) + d.cumsum(-1) - d
+    got = decay_gradient(rb, ra, cb, ca)
+    assert got.dtype == torch.float32 and got.shape == (BH, L)
+    assert _rel(got, ref) < 1e-6
+
+
 @pytest.mark.parametrize("Dv", [16, 12])
 def test_output_is_a_tensor_of_its_own(Dv):
     """The output is no view of a buffer inside the Function, so it can be changed in place

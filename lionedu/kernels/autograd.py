@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import triton
 
 from ..masks import per_token_log_decay
+from .decay_gradient import decay_gradient
 from .launch import States, chunk_outputs, chunk_states, padded_chunk_sums
 from .normaliser import normaliser_gradient
 
@@ -117,14 +118,9 @@ class ChunkwiseAttention(torch.autograd.Function):
         d_log_decay = None
         if want_decay:
             # r = (r^<, r^>) from dQ; in dK's operator i and j trade places, so its
-            # "before" dot is c^> and its "after" dot c^<. Pairs straddling t: lower ones
-            # through the suffix sums of a = r^< - c^<, upper ones through the exclusive
-            # prefix sums of b = r^> - c^> (zero when causal).
+            # "before" dot is c^> and its "after" dot c^<.
             (r_before, r_after), (c_after, c_before) = r, c
-            # dl_t = sum_{i>=t} a_i + sum_{i<t} (b_i - a_i): one exclusive prefix sum, in float64.
-            a = (r_before - c_before).double()
-            d = (r_after - c_after).double() - a
-            d_log_decay = (a.sum(-1, keepdim=True) + d.cumsum(-1) - d).view(B, H, -1)
+            d_log_decay = decay_gradient(r_before, r_after, c_before, c_after).view(B, H, -1)
             if ctx.decay_dim == 1:  # one decay per head: summed over batch and positions
                 d_log_decay = d_log_decay.sum((0, 2))
             d_log_decay = d_log_decay.to(ctx.decay_dtype)

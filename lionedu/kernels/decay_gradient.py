@@ -1,0 +1,65 @@
+"""The last step of the backward pass: the gradient of the log decays (MATH.md section 6).
+
+The dQ and dK operators return, for every position ``i``, the row dots ``r^<_i, r^>_i``
+(``q_i . dq_i`` restricted to the keys before / after ``i``) and ``c^<_i, c^>_i`` (the same
+for ``k_i . dk_i``). A log decay ``l_t`` sits on every pair that straddles ``t``:
+
+    dl_t = sum_{i >= t} a_i + sum_{i < t} b_i,     a = r^< - c^<,   b = r^> - c^>
+         = sum_i a_i + sum_{i < t} d_i,            d = b - a
+
+so one sequence needs its total of ``a`` and one exclusive prefix sum of ``d``. One program
+walks one sequence twice in blocks of ``BLOCK`` positions; the sums are float64, because a
+prefix sum over ``L`` terms that largely cancel loses digits in float32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["decay_gradient"]
+
+BLOCK = 1024  # positions per step of a program's walk
+
+
+@triton.jit
+def decay_gradient_kernel(
+    r_before_ptr, r_after_ptr, c_before_ptr, c_after_ptr,  # row dots [BH, L] float32
+    out_ptr,  # out: dl [BH, L] float32
+    L,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64) * L  # this program's sequence
+    steps = tl.arange(0, BLOCK)
+
+    # ---- Pass 1: sum_i a_i, accumulated block by block (elementwise, then one reduction) ----
+    acc = tl.zeros([BLOCK], dtype=tl.float64)
+    for start in range(0, L, BLOCK):
+        t = start + steps
+        ok = t < L
+        acc += (tl.load(r_before_ptr + row + t, mask=ok, other=0.0).to(tl.float64)
+                - tl.load(c_before_ptr + row + t, mask=ok, other=0.0).to(tl.float64))
+    carry = tl.sum(acc, axis=0)
+
+    # ---- Pass 2: dl_t = sum_i a_i + (prefix sum of d before t) ------------------------------
+    # Within a block the exclusive prefix sum is the inclusive one (tl.cumsum) minus the term;
+    # ``carry`` brings in everything before the block.
+    for start in range(0, L, BLOCK):
+        t = start + steps
+        ok = t < L
+        a = (tl.load(r_before_ptr + row + t, mask=ok, other=0.0).to(tl.float64)
+             - tl.load(c_before_ptr + row + t, mask=ok, other=0.0).to(tl.float64))
+        b = (tl.load(r_after_ptr + row + t, mask=ok, other=0.0).to(tl.float64)
+             - tl.load(c_after_ptr + row + t, mask=ok, other=0.0).to(tl.float64))
+        d = b - a
+        tl.store(out_ptr + row + t, (carry + tl.cumsum(d, axis=0) - d).to(tl.float32), mask=ok)
+        carry += tl.sum(d, axis=0)
+
+
+def decay_gradient(r_before, r_after, c_before, c_after):
+    """The row dots ``[BH, L]`` float32 (contiguous) -> ``dl [BH, L]`` float32."""
+    BH, L = r_before.shape
+    out = torch.empty_like(r_before)
+    block = min(BLOCK, triton.next_power_of_2(L))
+    decay_gradient_kernel[(BH,)](r_before, r_after, c_before, c_after, out, L, BLOCK=block, num_warps=4)
+    return out
