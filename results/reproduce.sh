@@ -4,7 +4,7 @@
 # 1. the GPU test suite (pytest -m gpu; worst error per dtype), 2. python -m lionedu.check on the GPU,
 # (the tests run in 8 processes: pytest-xdist; compiling the kernels' variants is most of their time)
 # 3. python -m lionedu.bench (JSON + plot; the README and chapter 8 read these files), eager and
-#    with --cuda-graph.
+#    with --cuda-graph; 4. results/host_overhead.py (host time against GPU time of one step).
 set -uo pipefail
 out=${1:-results}
 mkdir -p "$out"
@@ -19,3 +19,4 @@ python3 -m lionedu.bench --variants s,d,lit --causal both --impls lionedu-triton
 # 4. the same for the kernels and SDPA with CUDA-graph replays: the GPU's time without the host's.
 python3 -m lionedu.bench --variants s,d,lit --causal both --impls lionedu-triton,sdpa --cuda-graph \
   --json "$out/bench-$tag-graph.json" --plot "$out/bench-$tag-graph.png" 2>&1 | tee "$out/bench-$tag-graph.log"
+python3 results/host_overhead.py 1024 4096 2>&1 | tee "$out/host-overhead-$tag.log"

@@ -80,6 +80,12 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     the host's launches with the device's work; pass ``False`` where the decays are valid by
     construction (``logsigmoid`` of a projection, as in :class:`lionedu.nn.LionAttention`)
     and the host overhead matters. Shapes, dtypes and devices are always checked.
+
+    Speed: at short lengths a step is bound by the host, not the GPU: eight Triton launches
+    from Python, and a backward that PyTorch runs in autograd's worker thread. Capturing the
+    training step in a CUDA graph (``torch.cuda.graphs``, ``torch.compile(mode="reduce-overhead")``)
+    or running the backward in the calling thread
+    (``torch.autograd.set_multithreading_enabled(False)``) removes most of it (results/NOTES.md).
     """
     check_inputs(q, k, v, log_decay, causal=causal, normalize=normalize, check_values=False)
     check_chunk_size(chunk_size)

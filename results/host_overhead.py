@@ -1,0 +1,50 @@
+"""Host time against GPU time of one LION-S forward+backward (a GPU is needed).
+
+    python results/host_overhead.py [L ...]      (default: 1024 4096)
+
+For each length: the host's time to enqueue a step (perf_counter over 100 steps, no sync
+inside), the step's median time (do_bench), the same with autograd's single-threaded
+engine (``torch.autograd.set_multithreading_enabled(False)``: the backward then runs in the
+calling thread) and the replay of the step captured in a CUDA graph (the GPU's time alone).
+B=4, H=16, D=Dv=64, bf16, bidirectional, normalised. results/NOTES.md quotes its output.
+"""
+import sys
+import time
+
+import torch
+from triton.testing import do_bench
+
+import lionedu
+from lionedu.bench import graph_replay, make_inputs
+
+
+def main(lengths):
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, lionedu {lionedu.__version__}")
+    for L in lengths:
+        q, k, v, ld = make_inputs("s", 4, 16, L, 64, 64, torch.bfloat16)
+        leaves = [t.requires_grad_(True) for t in (q, k, v, ld)]
+        dy = torch.randn_like(v)
+
+        def step():
+            for t in leaves:
+                t.grad = None
+            lionedu.kernels.chunkwise(q, k, v, ld, check_values=False).backward(dy)
+
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(100):
+            step()
+        enqueue_ms = (time.perf_counter() - start) * 10
+        torch.cuda.synchronize()
+        eager_ms = do_bench(step, return_mode="median")
+        with torch.autograd.set_multithreading_enabled(False):
+            single_ms = do_bench(step, return_mode="median")
+        graph_ms = do_bench(graph_replay(step), return_mode="median")
+        print(f"L={L}: host enqueue {enqueue_ms:.3f} ms/step, eager {eager_ms:.3f} ms, "
+              f"eager with single-threaded autograd {single_ms:.3f} ms, CUDA-graph replay {graph_ms:.3f} ms")
+
+
+if __name__ == "__main__":
+    main([int(x) for x in sys.argv[1:]] or [1024, 4096])
