@@ -166,6 +166,9 @@ def test_decay_gradient_kernel(BH, L, seed):
     got = decay_gradient(rb, ra, cb, ca)
     assert got.dtype == torch.float32 and got.shape == (BH, L)
     assert _rel(got, ref) < 1e-6
+    # LION-D's per-sequence sums come from one pass with their own formula
+    sums = decay_gradient(rb, ra, cb, ca, row_sums=True)
+    assert sums.shape == (BH,) and _rel(sums, ref.sum(-1)) < 1e-6
 
 
 @pytest.mark.parametrize("Dv", [16, 12])

@@ -120,9 +120,10 @@ class ChunkwiseAttention(torch.autograd.Function):
             # r = (r^<, r^>) from dQ; in dK's operator i and j trade places, so its
             # "before" dot is c^> and its "after" dot c^<.
             (r_before, r_after), (c_after, c_before) = r, c
-            d_log_decay = decay_gradient(r_before, r_after, c_before, c_after).view(B, H, -1)
-            if ctx.decay_dim == 1:  # one decay per head: summed over batch and positions
-                d_log_decay = d_log_decay.sum((0, 2))
+            if ctx.decay_dim == 1:  # one decay per head: summed over positions, then batch
+                d_log_decay = decay_gradient(r_before, r_after, c_before, c_after, row_sums=True).view(B, H).sum(0)
+            else:
+                d_log_decay = decay_gradient(r_before, r_after, c_before, c_after).view(B, H, -1)
             d_log_decay = d_log_decay.to(ctx.decay_dtype)
         return (_unflatten(dq, B, H, D), _unflatten(dk, B, H, D), _unflatten(dv, B, H, Dv), d_log_decay,
                 None, None, None, None)
