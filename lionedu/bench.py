@@ -227,30 +227,42 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
     keys = sorted({(r["impl"], r["variant"], r["causal"]) for r in result["rows"]})
+    # One colour per implementation, one line style per variant, one marker per causality.
+    # SDPA has no decay: its rows are the same computation for every variant, drawn once
+    # (from the first variant of the run), in black.
+    first_variant = result["rows"][0]["variant"]
+    keys = [key for key in keys if key[0] != "sdpa" or key[1] == first_variant]
+    colors = {"lionedu-triton": "tab:red", "vectorized-chunkwise": "tab:blue", "attention-form": "tab:green",
+              "fla": "tab:purple", "sdpa": "black"}
     for impl, variant, causal in keys:
         rs = [r for r in result["rows"] if (r["impl"], r["variant"], r["causal"]) == (impl, variant, causal) and r["fwd_ms"] is not None]
         if not rs:
             continue
-        label = f"{impl} ({variant}{', causal' if causal else ''})" if impl not in ("sdpa",) else f"sdpa{' (causal)' if causal else ''}"
+        style = dict(color=colors.get(impl, "tab:gray"), marker="^" if causal else "o", markersize=4,
+                     linestyle=":" if impl == "sdpa" and causal else {"s": "-", "d": "--", "lit": "-."}[variant])
+        label = f"sdpa{' (causal)' if causal else ''}" if impl == "sdpa" else f"{impl} ({variant}{', causal' if causal else ''})"
         Ls = [r["L"] for r in rs]
-        axes[0].plot(Ls, [r["fwd_ms"] for r in rs], marker="o", label=label)
-        axes[1].plot(Ls, [r["fwdbwd_ms"] for r in rs], marker="o", label=label)
-        axes[2].plot(Ls, [r["peak_mib"] for r in rs], marker="o", label=label)
+        axes[0].plot(Ls, [r["fwd_ms"] for r in rs], label=label, **style)
+        axes[1].plot(Ls, [r["fwdbwd_ms"] for r in rs], label=label, **style)
+        axes[2].plot(Ls, [r["peak_mib"] for r in rs], label=label, **style)
     floors = sorted({(r["L"], r["fwd_floor_ms"]) for r in result["rows"] if r["variant"] == result["rows"][0]["variant"]})
-    axes[0].plot([f[0] for f in floors], [f[1] for f in floors], "k--", label="forward memory floor")
+    floor_line, = axes[0].plot([f[0] for f in floors], [f[1] for f in floors], "k--", label="forward memory floor")
+    axes[0].legend(handles=[floor_line], fontsize=7, loc="upper left")
     for ax, title in zip(axes, ["forward (ms)", "forward + backward (ms)", "peak memory, fwd+bwd (MiB)"]):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length L")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    axes[2].legend(fontsize=7)
+    handles, labels = axes[2].get_legend_handles_labels()
+    rows_of_legend = -(-len(labels) // 6)  # six entries a row, under the panels
     r0 = result["rows"][0]
     fig.suptitle(f"{result['device']}: B={r0['B']} H={r0['H']} D={r0['D']} {r0['dtype']}; torch {result['torch']}, "
                  f"triton {result['triton']}, {result['date']}, {result.get('timing', 'eager')} timing", fontsize=10)
-    fig.tight_layout()
+    fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.045 * rows_of_legend, 1, 1))
     fig.savefig(path, dpi=120)
 
 
