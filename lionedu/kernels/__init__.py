@@ -90,10 +90,11 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     check_inputs(q, k, v, log_decay, causal=causal, normalize=normalize, check_values=False)
     check_chunk_size(chunk_size)
     _check_kernel_inputs(q, v, chunk_size)
-    # Head dims are zero-padded to a power of two, at least 64 on a GPU (16 under the
-    # interpreter), so every tile the kernels load is full and at least 64 wide. Narrower or
-    # partial tiles met Triton 3.6 code-generation faults on an H100 (invalid memory
-    # accesses, and wrong values for 32-wide value tiles; results/NOTES.md).
+    # ChunkwiseAttention zero-pads the head dims to a power of two, at least `least` (64 on a
+    # GPU, 16 under the interpreter), so no tile is partial and the output kernel's value tiles
+    # are 64 wide. On an H100 with Triton 3.6, partial tiles gave invalid memory accesses and
+    # 32-wide value tiles in the output kernel gave wrong values; the states kernel's 32-wide
+    # tiles pass every GPU test (results/NOTES.md).
     least = 16 if interpreted() else 64
     y = ChunkwiseAttention.apply(q, k, v, log_decay, causal, normalize, chunk_size, least)
     # The decay values are checked once the kernels are queued, so the device works while

@@ -24,9 +24,9 @@ def launch_config(dk: int, dv: int, chunk: int) -> dict:
     """Value-tile widths, warps and pipeline stages for head dims ``dk``, ``dv`` and chunk
     size ``chunk`` (results/NOTES.md, tuning).
 
-    The states kernel walks chunks one after another, so it wants many small programs; the
-    output kernel is parallel over chunks already and wants wide tiles (each value tile
-    recomputes the ``C x C`` scores).
+    The states kernel walks chunks one after another, so it wants many small programs (one
+    per value tile); the output kernel is parallel over chunks already, computes the ``C x C``
+    scores once per program and loops over value tiles, so it wants wide ones.
     """
     wide = dk > 128 or dv > 128
     return dict(states_block_dv=min(dv, 32), states_warps=4, states_stages=2 if wide else 3,
