@@ -26,6 +26,13 @@ BLOCK = 1024  # positions per step of a program's walk
 
 
 @triton.jit
+def _difference(x_ptr, y_ptr, at, ok):
+    """``x - y`` at the offsets ``at`` (masked by ``ok``), in float64: one of ``a``, ``b``."""
+    return (tl.load(x_ptr + at, mask=ok, other=0.0).to(tl.float64)
+            - tl.load(y_ptr + at, mask=ok, other=0.0).to(tl.float64))
+
+
+@triton.jit
 def decay_gradient_kernel(
     r_before_ptr, r_after_ptr, c_before_ptr, c_after_ptr,  # row dots [BH, L] float32
     out_ptr,  # out: dl [BH, L] float32, or with ROW_SUMS its sum over positions [BH]
@@ -44,12 +51,10 @@ def decay_gradient_kernel(
     for start in range(0, L, BLOCK):
         t = start + steps
         ok = t < L
-        a = (tl.load(r_before_ptr + row + t, mask=ok, other=0.0).to(tl.float64)
-             - tl.load(c_before_ptr + row + t, mask=ok, other=0.0).to(tl.float64))
+        a = _difference(r_before_ptr, c_before_ptr, row + t, ok)  # r^< - c^<
         acc += a
         if ROW_SUMS:
-            b = (tl.load(r_after_ptr + row + t, mask=ok, other=0.0).to(tl.float64)
-                 - tl.load(c_after_ptr + row + t, mask=ok, other=0.0).to(tl.float64))
+            b = _difference(r_after_ptr, c_after_ptr, row + t, ok)  # r^> - c^>
             weighted += (b - a) * (L - 1 - t).to(tl.float64)
     carry = tl.sum(acc, axis=0)
     if ROW_SUMS:
@@ -61,11 +66,8 @@ def decay_gradient_kernel(
         for start in range(0, L, BLOCK):
             t = start + steps
             ok = t < L
-            a = (tl.load(r_before_ptr + row + t, mask=ok, other=0.0).to(tl.float64)
-                 - tl.load(c_before_ptr + row + t, mask=ok, other=0.0).to(tl.float64))
-            b = (tl.load(r_after_ptr + row + t, mask=ok, other=0.0).to(tl.float64)
-                 - tl.load(c_after_ptr + row + t, mask=ok, other=0.0).to(tl.float64))
-            d = b - a
+            a = _difference(r_before_ptr, c_before_ptr, row + t, ok)
+            d = _difference(r_after_ptr, c_after_ptr, row + t, ok) - a  # b - a
             tl.store(out_ptr + row + t, (carry + tl.cumsum(d, axis=0) - d).to(tl.float32), mask=ok)
             carry += tl.sum(d, axis=0)
 

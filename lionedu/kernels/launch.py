@@ -64,6 +64,11 @@ class States(NamedTuple):
     w: Optional[torch.Tensor] = None
 
 
+def _or_dummy(t, dummy):
+    """A pointer argument: ``t``, or ``dummy`` where a configuration never reads it."""
+    return dummy if t is None else t
+
+
 def _flags(q, g, chunk_size):
     """The compile-time switches both kernels share."""
     return dict(HAS_DECAY=g is not None, CHUNK=chunk_size,
@@ -90,10 +95,8 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
                 torch.empty(slots, BH, N, DK, **f32) if with_z else None,
                 torch.empty(slots, BH, N, DV, **f32) if with_u else None,
                 torch.empty(slots, BH, N, DV, **f32) if col_offset is not None else None)
-    dummy = k  # stands in for pointers a configuration never reads
     chunk_states_kernel[(BH, DV // cfg["states_block_dv"], slots)](
-        k, v, dummy if g is None else g, dummy if col_offset is None else col_offset,
-        st.S, *(dummy if t is None else t for t in st[1:]), L, N,
+        k, v, _or_dummy(g, k), _or_dummy(col_offset, k), st.S, *(_or_dummy(t, k) for t in st[1:]), L, N,
         FIRST_DIRECTION=0 if lower else 1, WITH_Z=with_z, WITH_U=with_u, WITH_W=col_offset is not None,
         DK=DK, DV=DV, BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"],
         num_stages=cfg["states_stages"], **_flags(k, g, chunk_size))
@@ -127,11 +130,9 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
         out = torch.empty(BH, L, DV, device=q.device, dtype=v.dtype)
     den = torch.empty(BH, L, **f32) if with_den else None
     dots = (torch.empty(BH, L, **f32), torch.empty(BH, L, **f32)) if partner is not None else None
-    dummy = q
-    pointer = lambda t: dummy if t is None else t  # noqa: E731
     chunk_output_kernel[(N, BH)](
-        q, k, v, pointer(g), pointer(offset), states.S, pointer(states.z), pointer(states.u), pointer(states.w),
-        pointer(partner), out, pointer(den), *(dots if dots is not None else (dummy, dummy)), L, N,
+        q, k, v, *(_or_dummy(t, q) for t in (g, offset)), states.S, *(_or_dummy(t, q) for t in states[1:]),
+        _or_dummy(partner, q), out, _or_dummy(den, q), *(dots if dots is not None else (q, q)), L, N,
         LOWER=lower, UPPER=upper, WITH_DEN=with_den, NORMALIZE=normalize,
         ROW_OFFSET=row_offset is not None, COL_OFFSET=col_offset is not None, SPLIT=partner is not None,
         TRANSPOSED_STATE=transposed_state, DK=DK, DV=DV, BLOCK_DV=cfg["output_block_dv"],
