@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from ..masks import per_token_log_decay
 from .decay_gradient import decay_gradient
 from .launch import States, chunk_outputs, chunk_states, padded_chunk_sums
 from .normaliser import normaliser_gradient
@@ -74,10 +73,12 @@ class ChunkwiseAttention(torch.autograd.Function):
         B, H, L, D = q.shape
         Dv = v.shape[-1]
         q_, k_, v_ = (_flatten(t, least) for t in (q, k, v))  # [BH, L, D'], [BH, L, D'], [BH, L, Dv']
-        l = None
-        if log_decay is not None:
-            l = per_token_log_decay(log_decay, B, H, L, dtype=torch.float32, device=q.device).reshape(B * H, L)
-        g = padded_chunk_sums(l, chunk_size)
+        if log_decay is None:  # LIT
+            g = None
+        elif log_decay.dim() == 1:  # D: one log decay per head, [H] -> [B*H]; the kernels make the sums
+            g = log_decay.float().repeat(B)
+        else:  # S: one per token, summed within each chunk
+            g = padded_chunk_sums(log_decay.float().reshape(B * H, L), chunk_size)
         opts = dict(lower=True, upper=not causal, chunk_size=chunk_size)
         states = chunk_states(k_, v_, g, with_z=normalize, **opts)
         # The output is written straight into a [B, H, L, Dv'] tensor: the Function must not

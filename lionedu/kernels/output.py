@@ -23,6 +23,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .decays import chunk_log_decays
+
 
 @triton.jit
 def _state_share(q, offset, read_scale, S_ptr, u_ptr, w_ptr, at, dk, dv, DK: tl.constexpr, DV: tl.constexpr,
@@ -48,7 +50,7 @@ def _state_share(q, offset, read_scale, S_ptr, u_ptr, w_ptr, at, dk, dv, DK: tl.
 @triton.jit
 def chunk_output_kernel(
     q_ptr, k_ptr, v_ptr,  # q, k [BH, L, DK], v [BH, L, DV], one dtype, contiguous
-    g_ptr,  # chunk-local sums of the log decays [BH, N*C] float32
+    g_ptr,  # chunk-local sums of the log decays [BH, N*C] float32, or [BH] (SCALAR_DECAY)
     offset_ptr,  # score offsets a_i or b_j [BH, L] float32 (ROW_OFFSET / COL_OFFSET)
     S_ptr, z_ptr, u_ptr, w_ptr,  # from chunk_states_kernel: [slots, BH, N, ...]
     partner_ptr,  # P [BH, L, DV] (SPLIT only)
@@ -59,6 +61,7 @@ def chunk_output_kernel(
     LOWER: tl.constexpr,  # keys j < i count (forward state in slot 0)
     UPPER: tl.constexpr,  # keys j > i count (backward state in the next slot)
     HAS_DECAY: tl.constexpr,  # False for LIT: no exponentials
+    SCALAR_DECAY: tl.constexpr,  # LION-D: one decay per sequence, g computed (decays.py)
     WITH_DEN: tl.constexpr,  # compute (and store) the normaliser
     NORMALIZE: tl.constexpr,  # divide by the normaliser before storing
     ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,  # scores q_i . k_j + a_i  /  + b_j
@@ -102,8 +105,7 @@ def chunk_output_kernel(
     if UPPER:
         keep = keep | after
     if HAS_DECAY:
-        g = tl.load(g_ptr + (bh * N + n) * CHUNK + pos)
-        G = tl.load(g_ptr + (bh * N + n) * CHUNK + CHUNK - 1)
+        g, G = chunk_log_decays(g_ptr, bh, n, N, CHUNK, SCALAR_DECAY)
         diff = g[:, None] - g[None, :]
         scores = scores * tl.exp(tl.where(before, diff, -diff))
         # How a state is read: forward exp(g_i) q_i^T H_n, backward exp(G - g_i) q_i^T R_n.

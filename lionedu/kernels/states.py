@@ -23,17 +23,21 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .decays import chunk_log_decays
+
 
 @triton.jit
 def chunk_states_kernel(
     k_ptr, v_ptr,  # keys [BH, L, DK], values [BH, L, DV], one dtype, contiguous
-    g_ptr,  # chunk-local sums of the log decays [BH, N*C] float32 (tail padded with 0)
+    g_ptr,  # chunk-local sums of the log decays [BH, N*C] float32 (tail padded with 0),
+    # or with SCALAR_DECAY one log decay per sequence [BH] (decays.py)
     col_offset_ptr,  # column offsets b_j [BH, L] float32 (only read with COL_OFFSET)
     S_ptr,  # out: states [slots, BH, N, DK, DV] in the inputs' dtype
     z_ptr, u_ptr, w_ptr,  # out: [slots, BH, N, DK], [slots, BH, N, DV], [slots, BH, N, DV] float32
     L, N,  # sequence length, number of chunks
     FIRST_DIRECTION: tl.constexpr,  # direction of slot 0: 0 forward (H), 1 backward (R)
     HAS_DECAY: tl.constexpr,  # False for LIT: every decay is 1, no exponentials at all
+    SCALAR_DECAY: tl.constexpr,  # LION-D: one decay per sequence, g computed, not loaded
     WITH_Z: tl.constexpr, WITH_U: tl.constexpr, WITH_W: tl.constexpr,  # which vectors to keep
     CHUNK: tl.constexpr,  # C, tokens per chunk
     DK: tl.constexpr, DV: tl.constexpr,  # head dims (powers of two: the wrapper pads them)
@@ -84,8 +88,7 @@ def chunk_states_kernel(
         # ---- Decay each key to the chunk's edge, and the state across the whole chunk ------
         # forward: k_j exp(G - g_j) and H exp(G);  backward: k_j exp(g_j) and R exp(G).
         if HAS_DECAY:
-            g = tl.load(g_ptr + (bh * N + n) * CHUNK + pos)
-            G = tl.load(g_ptr + (bh * N + n) * CHUNK + CHUNK - 1)
+            g, G = chunk_log_decays(g_ptr, bh, n, N, CHUNK, SCALAR_DECAY)
             key_scale = tl.exp(tl.where(backward, g, G - g))
             carry = tl.exp(G)
         else:

@@ -1,0 +1,35 @@
+"""Where both kernels get a chunk's log decays from (MATH.md section 5).
+
+Chunk ``n`` of a sequence needs ``g_i``, the running sums of the log decays restarted at the
+chunk's first token, and their total ``G`` (the last ``g_i``). LION-S has one decay per token:
+the sums are computed once on the host side (:func:`lionedu.kernels.launch.padded_chunk_sums`)
+and loaded. LION-D has one decay ``λ`` per head: then ``g_i = (i + 1) λ`` is computed here,
+with nothing to load but ``λ``. The last chunk may end past the sequence; its total ``G``
+then counts positions that do not exist, but that ``G`` is never used: the forward walk
+ends with it, the backward walk starts with it on an empty state, and the outputs use it
+only to read the empty state after the last chunk.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["chunk_log_decays"]
+
+
+@triton.jit
+def chunk_log_decays(g_ptr, bh, n, N, CHUNK: tl.constexpr, SCALAR_DECAY: tl.constexpr):
+    """``(g [CHUNK], G)`` float32 for chunk ``n`` of sequence ``bh``.
+
+    ``g_ptr``: the chunk-local sums ``[BH, N*C]``, or with ``SCALAR_DECAY`` one log decay per
+    sequence ``[BH]``.
+    """
+    pos = tl.arange(0, CHUNK)
+    if SCALAR_DECAY:
+        log_decay = tl.load(g_ptr + bh)
+        g = (pos + 1).to(tl.float32) * log_decay
+        G = CHUNK * log_decay
+    else:
+        g = tl.load(g_ptr + (bh * N + n) * CHUNK + pos)
+        G = tl.load(g_ptr + (bh * N + n) * CHUNK + CHUNK - 1)
+    return g, G
