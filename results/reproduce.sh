@@ -4,11 +4,14 @@
 # 1. the GPU test suite (pytest -m gpu; worst error per dtype), 2. python -m lionedu.check on the GPU,
 # (the tests run in 8 processes: pytest-xdist; compiling the kernels' variants is most of their time)
 # 3. python -m lionedu.bench (JSON + plot; the README and chapter 8 read these files), eager and
-#    with --cuda-graph; 4. results/host_overhead.py (host time against GPU time of one step).
+#    with --cuda-graph; 4. results/host_overhead.py (host time against GPU time of one step);
+# 5. results/profile_kernels.py (GPU time per kernel, torch.profiler); 6. results/autograd_thread.py
+#    (host time of the backward in autograd's worker thread and in the calling thread).
 set -uo pipefail
 out=${1:-results}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts in results/ import lionedu from the checkout
 # Files are named after the GPU: "NVIDIA H100 80GB HBM3" -> bench-h100.json, "NVIDIA H200" -> bench-h200.json.
 tag=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
 LIONEDU_ERROR_LOG="$out/gpu-errors-$tag.jsonl" python3 -m pytest -q -m gpu tests -p no:cacheprovider -n 8 2>&1 | tee "$out/gpu-tests-$tag.log"
@@ -20,3 +23,5 @@ python3 -m lionedu.bench --variants s,d,lit --causal both --impls lionedu-triton
 python3 -m lionedu.bench --variants s,d,lit --causal both --impls lionedu-triton,sdpa --cuda-graph \
   --json "$out/bench-$tag-graph.json" --plot "$out/bench-$tag-graph.png" 2>&1 | tee "$out/bench-$tag-graph.log"
 python3 results/host_overhead.py 1024 4096 2>&1 | tee "$out/host-overhead-$tag.log"
+python3 results/profile_kernels.py 1024 4096 16384 2>&1 | tee "$out/profile-kernels-$tag.log"
+python3 results/autograd_thread.py 2>&1 | tee "$out/autograd-thread-$tag.log"
