@@ -82,10 +82,11 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     and the host overhead matters. Shapes, dtypes and devices are always checked.
 
     Speed: at short lengths a step is bound by the host, not the GPU: eight Triton launches
-    from Python, and a backward that PyTorch runs in autograd's worker thread. Capturing the
-    training step in a CUDA graph (``torch.cuda.graphs``, ``torch.compile(mode="reduce-overhead")``)
-    or running the backward in the calling thread
-    (``torch.autograd.set_multithreading_enabled(False)``) removes most of it (results/NOTES.md).
+    from Python (six in the backward, which PyTorch runs in autograd's worker thread, where
+    that Python runs slower still). Capturing the training step in a CUDA graph
+    (``torch.cuda.graphs``, ``torch.compile(mode="reduce-overhead")``) removes it; running the
+    backward in the calling thread (``torch.autograd.set_multithreading_enabled(False)``)
+    takes about 40 % off an eager step (results/NOTES.md).
     """
     check_inputs(q, k, v, log_decay, causal=causal, normalize=normalize, check_values=False)
     check_chunk_size(chunk_size)
@@ -93,8 +94,8 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     # ChunkwiseAttention zero-pads the head dims to a power of two, at least `least` (64 on a
     # GPU, 16 under the interpreter), so no tile is partial and the output kernel's value tiles
     # are 64 wide. On an H100 with Triton 3.6, partial tiles gave invalid memory accesses and
-    # 32-wide value tiles in the output kernel gave wrong values; the states kernel's 32-wide
-    # tiles pass every GPU test (results/NOTES.md).
+    # 32-wide value tiles in the output kernel gave wrong values; the states kernel's 64- and
+    # 32-wide tiles pass every GPU test (results/NOTES.md).
     least = 16 if interpreted() else 64
     y = ChunkwiseAttention.apply(q, k, v, log_decay, causal, normalize, chunk_size, least)
     # The decay values are checked once the kernels are queued, so the device works while
