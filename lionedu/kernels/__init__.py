@@ -82,11 +82,9 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     and the host overhead matters. Shapes, dtypes and devices are always checked.
 
     Speed: at short lengths a step is bound by the host, not the GPU: eight Triton launches
-    from Python (six in the backward, which PyTorch runs in autograd's worker thread, where
-    that Python runs slower still). Capturing the training step in a CUDA graph
-    (``torch.cuda.graphs``, ``torch.compile(mode="reduce-overhead")``) removes it; running the
-    backward in the calling thread (``torch.autograd.set_multithreading_enabled(False)``)
-    takes about 40 % off an eager step (results/NOTES.md).
+    from Python, six of them in the backward. Capturing the training step in a CUDA graph
+    (``torch.cuda.graphs``, ``torch.compile(mode="reduce-overhead")``) removes that cost
+    (results/NOTES.md).
     """
     check_inputs(q, k, v, log_decay, causal=causal, normalize=normalize, check_values=False)
     check_chunk_size(chunk_size)
