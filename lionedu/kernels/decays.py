@@ -3,8 +3,9 @@
 Chunk ``n`` of a sequence needs ``g_i``, the running sums of the log decays restarted at the
 chunk's first token, and their total ``G`` (the last ``g_i``). LION-S has one decay per token:
 the sums are computed once on the host side (:func:`lionedu.kernels.launch.padded_chunk_sums`)
-and loaded. LION-D has one decay ``λ`` per head: then ``g_i = (i + 1) λ`` is computed here,
-with nothing to load but ``λ``. The last chunk may end past the sequence; its total ``G``
+and loaded. LION-D has one decay ``λ_h`` per head, so every ``l_i = log λ_h`` and the sums
+``g_i = (i + 1) log λ_h`` (``i`` counted from the chunk's start) are computed here, with
+nothing to load but ``log λ_h``. The last chunk may end past the sequence; its total ``G``
 then counts positions that do not exist, but that ``G`` is never used: the forward walk
 ends with it, the backward walk starts with it on an empty state, and the outputs use it
 only to read the empty state after the last chunk.
