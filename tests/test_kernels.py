@@ -258,3 +258,15 @@ def test_gpu_chunk_sizes(chunk_size):
 @pytest.mark.gpu
 def test_gpu_many_sequences():
     assert_close(compare(32, 64, 130, 32, 32, "d", False, True, 64, torch.bfloat16, "cuda"), torch.bfloat16)
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.integers(1, 10**9), b=st.integers(1, 10**6))
+def test_host_integer_helpers(a, b):
+    """The launchers' plain-Python ceil_div / next_power_of_2 agree with Triton's."""
+    import triton
+
+    from lionedu.kernels.launch import ceil_div, next_power_of_2
+
+    assert ceil_div(a, b) == triton.cdiv(a, b)
+    assert next_power_of_2(a) == triton.next_power_of_2(a)

@@ -36,10 +36,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from .decay_gradient import decay_gradient
-from .launch import States, chunk_outputs, chunk_states, padded_chunk_sums
+from .launch import States, chunk_outputs, chunk_states, next_power_of_2, padded_chunk_sums
 from .normaliser import normaliser_gradient
 
 __all__ = ["ChunkwiseAttention"]
@@ -50,7 +49,7 @@ def _flatten(t, least: int):
     of two, at least ``least`` (zero features leave ``q . k`` unchanged, zero value columns
     give zero outputs)."""
     B, H, L, d = t.shape
-    p = max(least, triton.next_power_of_2(d))
+    p = max(least, next_power_of_2(d))
     if p != d:
         t = F.pad(t, (0, p - d))
     return t.reshape(B * H, L, p).contiguous()

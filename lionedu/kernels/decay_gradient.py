@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import next_power_of_2
+
 __all__ = ["decay_gradient"]
 
 BLOCK = 1024  # positions per step of a program's walk
@@ -77,7 +79,7 @@ def decay_gradient(r_before, r_after, c_before, c_after, *, row_sums: bool = Fal
     ``row_sums`` its sum over positions, ``[BH]`` float32."""
     BH, L = r_before.shape
     out = torch.empty(BH, device=r_before.device, dtype=torch.float32) if row_sums else torch.empty_like(r_before)
-    block = min(BLOCK, triton.next_power_of_2(L))
+    block = min(BLOCK, next_power_of_2(L))
     decay_gradient_kernel[(BH,)](r_before, r_after, c_before, c_after, out, L, ROW_SUMS=row_sums, BLOCK=block,
                                  num_warps=4)
     return out

@@ -12,12 +12,25 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from .output import chunk_output_kernel
 from .states import chunk_states_kernel
 
-__all__ = ["States", "padded_chunk_sums", "chunk_states", "chunk_outputs", "masked_operator", "launch_config"]
+__all__ = ["States", "padded_chunk_sums", "chunk_states", "chunk_outputs", "masked_operator", "launch_config",
+           "ceil_div", "next_power_of_2"]
+
+
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints. Plain Python on purpose: ``triton.cdiv`` and
+    ``triton.next_power_of_2`` cost about 2 µs a call in recent Triton versions, and the
+    launchers run on every forward and backward pass, where host time is what short
+    sequences wait for."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (``n >= 1``); see :func:`ceil_div`."""
+    return 1 << (n - 1).bit_length()
 
 
 def launch_config(dk: int, dv: int, chunk: int) -> dict:
@@ -45,7 +58,7 @@ def padded_chunk_sums(log_decay, chunk_size: int):
     every chunk is its total ``G``. O(L) work in PyTorch.
     """
     BH, L = log_decay.shape
-    N = triton.cdiv(L, chunk_size)
+    N = ceil_div(L, chunk_size)
     padded = log_decay.float()
     if N * chunk_size != L:
         padded = F.pad(padded, (0, N * chunk_size - L))
@@ -89,7 +102,7 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
         raise ValueError("chunk_states needs lower, upper or both")
     BH, L, DK = k.shape
     DV = v.shape[-1]
-    N = triton.cdiv(L, chunk_size)
+    N = ceil_div(L, chunk_size)
     slots = int(lower) + int(upper)
     cfg = launch_config(DK, DV, chunk_size)
     f32 = dict(device=k.device, dtype=torch.float32)
@@ -124,7 +137,7 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
         raise ValueError("chunk_outputs needs lower, upper or both")
     BH, L, DK = q.shape
     DV = v.shape[-1]
-    N = triton.cdiv(L, chunk_size)
+    N = ceil_div(L, chunk_size)
     cfg = launch_config(DK, DV, chunk_size)
     f32 = dict(device=q.device, dtype=torch.float32)
     offset = row_offset if row_offset is not None else col_offset

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import ceil_div
+
 __all__ = ["normaliser_gradient"]
 
 ROWS = 32  # rows per program
@@ -46,5 +48,5 @@ def normaliser_gradient(dy: torch.Tensor, y: torch.Tensor, den: torch.Tensor):
     BH, L, DV = y.shape
     dn = torch.empty_like(y)
     dc = torch.empty(BH, L, device=y.device, dtype=torch.float32)
-    normaliser_gradient_kernel[(triton.cdiv(BH * L, ROWS),)](dy, y, den, dn, dc, BH * L, DV=DV, ROWS=ROWS, num_warps=4)
+    normaliser_gradient_kernel[(ceil_div(BH * L, ROWS),)](dy, y, den, dn, dc, BH * L, DV=DV, ROWS=ROWS, num_warps=4)
     return dn, dc
