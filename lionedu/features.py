@@ -1,4 +1,4 @@
-"""Feature maps and decay gates (MATH.md sections 3 and 8).
+"""Feature maps and decay gates (the book: feature maps in chapters 1 and 3, gates in chapter 2).
 
 Feature maps make queries and keys non-negative so that the normaliser
 ``sum_j (q_i . k_j) M_ij`` is positive. Gates turn raw pre-activations into log decays

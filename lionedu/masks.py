@@ -1,4 +1,7 @@
-"""Decay masks and their log-space construction (MATH.md sections 2 and 5).
+"""Decay masks and their log-space construction.
+
+The book derives the masks in chapters 2 (causal) and 3 (bidirectional), the chunk-local
+sums in chapter 4.
 
 Notation: per head, log decays ``l_t = log lambda_t <= 0`` and their running sums
 ``c_t = l_1 + ... + l_t``. lionedu's bidirectional mask is
@@ -38,7 +41,8 @@ def decay_mask(log_decay: torch.Tensor, *, causal: bool = False) -> torch.Tensor
     non-increasing), so we take it with the sign that makes it non-positive in each
     triangle; unlike ``-|c_i - c_j|`` this keeps the right gradient where a decay is exactly 1.
     The running sum is taken in float64: it is O(L) work and keeps all digits of
-    ``c_i - c_j`` even where ``|c|`` is large (MATH.md section 7).
+    ``c_i - c_j`` even where ``|c|`` is large (the book, chapter 2: computing the mask in
+    log space).
     """
     c = torch.cumsum(log_decay.double(), dim=-1)
     diff = (c[..., :, None] - c[..., None, :]).to(log_decay.dtype)  # c_i - c_j
@@ -51,7 +55,7 @@ def decay_mask(log_decay: torch.Tensor, *, causal: bool = False) -> torch.Tensor
 
 
 def chunk_local_sums(log_decay: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Running sums of the log decays restarted at each chunk (MATH.md section 5).
+    """Running sums of the log decays restarted at each chunk (the book, chapter 4).
 
     ``log_decay`` is ``[B, H, N, C]`` (already cut into ``N`` chunks of ``C`` tokens);
     returns ``g`` of the same shape with ``g_i = l_s + ... + l_i`` inside each chunk.

@@ -1,4 +1,4 @@
-"""Naive level: plain Python loops that read like the equations of MATH.md.
+"""Naive level: plain Python loops that read like the equations of the book (chapters 2-4).
 
 Slow by design (Python loops over batch, head and position), meant for tiny sizes
 (``L`` up to a few dozen) and for reading next to the maths. Every function takes
@@ -35,7 +35,7 @@ def attention(q, k, v, log_decay=None, *, causal=False, normalize=True):
     """The attention form, entry by entry: ``y_i = sum_j (q_i . k_j) M_ij v_j [/ sum_j (q_i . k_j) M_ij]``.
 
     ``M_ij`` is the product of the decays ``lambda_t`` for ``t`` in ``(min(i,j), max(i,j)]``
-    (MATH.md section 2); with ``causal`` only ``j <= i`` is summed.
+    (the book, chapter 3: the bidirectional mask); with ``causal`` only ``j <= i`` is summed.
     """
     check_inputs(q, k, v, log_decay, causal=causal, normalize=normalize)
     B, H, L, _ = q.shape
@@ -63,7 +63,7 @@ def attention(q, k, v, log_decay=None, *, causal=False, normalize=True):
 
 
 def recurrent(q, k, v, log_decay=None, *, causal=False, normalize=True):
-    """The RNN form (MATH.md section 4): a forward and, unless ``causal``, a backward recurrence.
+    """The RNN form (the book, chapter 3): a forward and, unless ``causal``, a backward recurrence.
 
     forward,  i = 1..L:  ``S^F_i = lambda_i S^F_{i-1} + k_i v_i^T``,   ``z^F_i = lambda_i z^F_{i-1} + k_i``
     backward, i = L..1:  ``S^B_i = lambda_{i+1} S^B_{i+1} + k_i v_i^T``, ``z^B_i = lambda_{i+1} z^B_{i+1} + k_i``
@@ -105,7 +105,7 @@ def recurrent(q, k, v, log_decay=None, *, causal=False, normalize=True):
 
 
 def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_size=64):
-    """The chunkwise form (MATH.md section 5), with loops over chunks and positions.
+    """The chunkwise form (the book, chapter 4), with loops over chunks and positions.
 
     In chunk ``n`` (positions ``s..e``) with chunk-local sums ``g_i = l_s + ... + l_i`` and
     total ``G = g_e``:

@@ -86,7 +86,7 @@ class LionAttention(_MultiHeadMixer):
 
     Per head (``D = dim / num_heads``): ``q = phi(x W_q)``, ``k = phi(x W_k)``, ``v = x W_v``
     (``[B, H, L, D]`` each), a log decay, then :func:`lionedu.lion_attention` and the output
-    projection. Variants (MATH.md sections 3 and 8):
+    projection. Variants (the book, chapter 3: the three LION variants):
 
     - ``"lit"``: ``phi = elu + 1``, no decay (``log_decay=None``);
     - ``"d"``: ``phi`` = normalised shifted SiLU, ``log lambda_h = logsigmoid(a_h)`` with one
@@ -100,7 +100,7 @@ class LionAttention(_MultiHeadMixer):
 
     ``orders`` (optional, ``[P, L]`` integer tensor, each row a permutation of ``0..L-1``)
     builds the decay mask once per token order and averages the ``P`` masks (LION-D♮ / S♮ for
-    images, MATH.md section 8). The unnormalised outputs and normalisers of the orders are
+    images, the book, chapter 9). The unnormalised outputs and normalisers of the orders are
     summed before the division, so the result is ``Scale(Q K^T ⊙ mean_p M_p) V`` exactly.
     """
 

@@ -6,7 +6,8 @@ They accumulate in float32 (float64 for float64 inputs) and are differentiable i
 ``q``, ``k``, ``v`` and ``log_decay``.
 
 The normaliser is computed together with the output by appending a column of ones to
-``V`` (MATH.md section 5): ``[N, c] = (Q K^T ⊙ M) [V, 1]`` and ``y = N / c``.
+``V`` (the book, chapter 4: the normaliser is one more column):
+``[N, c] = (Q K^T ⊙ M) [V, 1]`` and ``y = N / c``.
 
 - :func:`attention` materialises the ``L x L`` mask: O(L^2) memory, the definition.
 - :func:`recurrent` loops over time with a ``D x (Dv+1)`` state per direction.
@@ -86,7 +87,7 @@ def recurrent(q, k, v, log_decay=None, *, causal=False, normalize=True):
 
 
 def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_size=64):
-    """Chunkwise form (MATH.md section 5): matmuls inside chunks, states passed between them.
+    """Chunkwise form (the book, chapter 4): matmuls inside chunks, states passed between them.
 
     The sequence is padded to ``N`` chunks of ``C = chunk_size`` tokens (padding keys are
     zero and padding decays are 1, so they change nothing) and reshaped to

@@ -70,7 +70,7 @@ def compare(B, H, L, D, Dv, variant, causal, normalize, chunk_size, dtype, devic
     ]
     if variant == "d":
         # The gradient of a per-head decay is a sum over B * L per-token gradients, each
-        # itself a sum of terms q_i . dq_i and k_i . dk_i (MATH.md section 6), that largely
+        # itself a sum of terms q_i . dq_i and k_i . dk_i (book chapter 7), that largely
         # cancel. A sum is only as accurate as the sum of the magnitudes of its terms, so
         # that is the scale: ||got - ref|| / ||sum_{b,t} (|dl| + |q . dq| + |k . dk|)||.
         per_token = ld[None, :, None].expand(B, H, L).clone()

@@ -1,4 +1,7 @@
-"""Numerics targets of the chunkwise form in float32 (MATH.md section 7)."""
+"""Numerics targets of the chunkwise form in float32.
+
+The book, chapter 2: the mask in log space; chapter 4: why chunk-local sums.
+"""
 import torch
 
 from lionedu import vectorized

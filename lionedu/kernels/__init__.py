@@ -5,12 +5,12 @@ signature and semantics of every other implementation (DESIGN.md). It runs on CU
 natively, and on CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` was set
 before triton was first imported (float32 only there).
 
-Layout (MATH.md section 5): :mod:`.states` holds kernel 1, the chunk states (a sequential
-walk over chunks that does nothing but update the state), :mod:`.output` kernel 2, every
-chunk's output with all chunks in parallel; :mod:`.launch` runs the two as one masked
-operator; :mod:`.autograd` the ``torch.autograd.Function`` that makes attention and its
-gradients out of operators (sections 4 and 6); :mod:`.primer` the small teaching kernels
-of chapter 5.
+Layout (book chapter 6; the chunkwise form is derived in chapter 4): :mod:`.states` holds
+kernel 1, the chunk states (a sequential walk over chunks that does nothing but update the
+state), :mod:`.output` kernel 2, every chunk's output with all chunks in parallel;
+:mod:`.launch` runs the two as one masked operator; :mod:`.autograd` the
+``torch.autograd.Function`` that makes attention and its gradients out of operators (book
+chapters 6 and 7); :mod:`.primer` the small teaching kernels of chapter 5.
 """
 from __future__ import annotations
 

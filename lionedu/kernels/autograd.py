@@ -5,11 +5,12 @@ It takes the caller's ``[B, H, L, .]`` tensors and does all of its reshaping ins
 call adds a single node to the autograd graph (every extra node costs host time in the
 backward pass, which at short lengths is what the GPU waits for).
 
-Forward (MATH.md sections 3-5): the states of the keys (``H`` before each chunk, ``R`` after
-it) and their key sums ``z``, then one pass of outputs with the full mask (its lower
-triangle when causal) gives ``N = (Q K^T ⊙ M) V`` and the normaliser ``c``; ``y = N / c``.
+Forward (book chapter 6; the maths in chapters 3 and 4): the states of the keys (``H``
+before each chunk, ``R`` after it) and their key sums ``z``, then one pass of outputs with
+the full mask (its lower triangle when causal) gives ``N = (Q K^T ⊙ M) V`` and the
+normaliser ``c``; ``y = N / c``.
 
-Backward (MATH.md section 6): with ``V~ = [V, 1]`` and ``dO~ = [dN, dc]``,
+Backward (book chapter 7): with ``V~ = [V, 1]`` and ``dO~ = [dN, dc]``,
 ``dN = dY / c``, ``dc = -(dY . Y) / c``, and because ``M`` is symmetric each gradient is the
 same masked operator with other arguments:
 

@@ -1,4 +1,4 @@
-"""The last step of the backward pass: the gradient of the log decays (MATH.md section 6).
+"""The last step of the backward pass: the gradient of the log decays (book chapter 7).
 
 The dQ and dK operators return, for every position ``i``, the row dots ``r^<_i, r^>_i``
 (``q_i . dq_i`` restricted to the keys before / after ``i``) and ``c^<_i, c^>_i`` (the same

@@ -1,8 +1,9 @@
-"""Where both kernels get a chunk's log decays from (MATH.md section 5).
+"""Where both kernels get a chunk's log decays from (book chapter 6).
 
 Chunk ``n`` of a sequence needs ``g_i``, the running sums of the log decays restarted at the
-chunk's first token, and their total ``G`` (the last ``g_i``). LION-S has one decay per token:
-the sums are computed once on the host side (:func:`lionedu.kernels.launch.padded_chunk_sums`)
+chunk's first token (the chunk-local sums of book chapter 4), and their total ``G`` (the
+last ``g_i``). LION-S has one decay per token: the sums are computed once on the host side
+(:func:`lionedu.kernels.launch.padded_chunk_sums`)
 and loaded. LION-D has one decay ``λ_h`` per head, so every ``l_i = log λ_h`` and the sums
 ``g_i = (i + 1) log λ_h`` (``i`` counted from the chunk's start) are computed here, with
 nothing to load but ``log λ_h``. The last chunk may end past the sequence; its total ``G``

@@ -1,4 +1,4 @@
-"""The first step of the backward pass: the gradient through the normaliser (MATH.md section 6).
+"""The first step of the backward pass: the gradient through the normaliser (book chapter 7).
 
 With ``y_i = N_i / c_i`` and the incoming gradient ``dy_i``:
 

@@ -1,4 +1,4 @@
-"""Kernel 2 of 2: the output of every chunk, all chunks in parallel (MATH.md section 5).
+"""Kernel 2 of 2: the output of every chunk, all chunks in parallel (book chapter 6).
 
 For position ``i`` of chunk ``n`` (chunk-local sums ``g``, total ``G``) and the states of
 :mod:`.states`, masked linear attention is three sums:
@@ -13,7 +13,7 @@ alone for causal attention, ``UPPER`` alone for the transposed (causal) operator
 backward pass. The normaliser is the same sum with every ``v_j = 1``; ``NORMALIZE`` divides
 by it in the epilogue.
 
-For the backward pass (MATH.md section 6, :mod:`.autograd`) the scores may carry a float32
+For the backward pass (book chapter 7, :mod:`.autograd`) the scores may carry a float32
 offset, ``q_i . k_j + a_i`` (``ROW_OFFSET``) or ``q_i . k_j + b_j`` (``COL_OFFSET``), and with
 ``SPLIT`` the kernel also returns, for a ``partner`` tensor ``P``, the row dots
 ``P_i . (keys before i)`` and ``P_i . (keys after i)``: the decay gradient is built from them.

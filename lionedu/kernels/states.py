@@ -1,4 +1,4 @@
-"""Kernel 1 of 2: the chunk states (MATH.md section 5).
+"""Kernel 1 of 2: the chunk states (book chapter 6).
 
 For one (batch, head) the sequence is cut into ``N`` chunks of ``C`` tokens. Chunk ``n``
 holds positions ``s..e``; ``g_i = l_s + ... + l_i`` are its chunk-local sums of the log
