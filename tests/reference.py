@@ -1,4 +1,4 @@
-"""An independent float64 evaluation of the definition, in NumPy (DESIGN.md "Semantics").
+"""An independent float64 evaluation of the definition, in NumPy (the book's notation page).
 
 Written without any lionedu code so that the package is checked against something it does
 not share: ``M_ij = exp(-|c_i - c_j|)`` with ``c`` the running sum of log decays,

@@ -1,9 +1,10 @@
-"""Triton kernels (issue 3): the chunkwise form, forward and backward, causal and bidirectional.
+"""Triton kernels: the chunkwise form, forward and backward, causal and bidirectional.
 
 ``chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_size=64)`` has the
-signature and semantics of every other implementation (DESIGN.md). It runs on CUDA tensors
-natively, and on CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` was set
-before triton was first imported (float32 only there).
+signature and semantics of every other implementation (``lionedu.naive``,
+``lionedu.vectorized``; the README's "Using the package"). It runs on CUDA tensors natively,
+and on CPU tensors through Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
+triton was first imported (float32 only there).
 
 Layout (book chapter 6; the chunkwise form is derived in chapter 4): :mod:`.states` holds
 kernel 1, the chunk states (a sequential walk over chunks that does nothing but update the
