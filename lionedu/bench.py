@@ -19,6 +19,7 @@ import argparse
 import datetime as _dt
 import json
 import sys
+import time
 
 import torch
 
@@ -113,6 +114,36 @@ def graph_replay(step):
     return graph.replay
 
 
+def training_step(fn, q, k, v, ld, causal=False):
+    """``(step, leaves)`` for ``fn(q, k, v, log_decay, causal)`` (see :func:`implementation`).
+
+    ``leaves`` are q, k, v and the log decay if there is one, set to require gradients here;
+    ``step()`` clears their gradients, runs ``fn`` and backpropagates a fixed random output
+    gradient: the attention work of one training step.
+    """
+    leaves = [t.requires_grad_(True) for t in (q, k, v, ld) if t is not None]
+    dy = torch.randn_like(v)
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        fn(q, k, v, ld, causal).backward(dy)
+
+    return step, leaves
+
+
+def host_ms_per_call(step, calls=100):
+    """The host's time per call of ``step``, ms, with no synchronisation between calls: how
+    long the host needs to queue the work, whatever the GPU's time. Warm ``step`` up first."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e3
+
+
 def measure(fn, variant, causal, B, H, L, D, Dv, dtype, warmup_ms=25, rep_ms=100, cuda_graph=False):
     """One benchmark row's numbers: fwd_ms, fwdbwd_ms, peak_mib (medians of repeated runs).
 
@@ -124,18 +155,10 @@ def measure(fn, variant, causal, B, H, L, D, Dv, dtype, warmup_ms=25, rep_ms=100
     from triton.testing import do_bench
 
     q, k, v, ld = make_inputs(variant, B, H, L, D, Dv, dtype)
-    leaves = [q, k, v] + ([] if ld is None or variant == "lit" else [ld])
     timed = graph_replay if cuda_graph else (lambda step: step)
     with torch.no_grad():
         fwd_ms = do_bench(timed(lambda: fn(q, k, v, ld, causal)), warmup=warmup_ms, rep=rep_ms, return_mode="median")
-    for t in leaves:
-        t.requires_grad_(True)
-    dy = torch.randn(B, H, L, Dv, device="cuda", dtype=dtype)
-
-    def fwdbwd():
-        for t in leaves:
-            t.grad = None
-        fn(q, k, v, ld, causal).backward(dy)
+    fwdbwd, leaves = training_step(fn, q, k, v, ld, causal)
 
     fwdbwd()
     torch.cuda.synchronize()

@@ -9,35 +9,21 @@ calling thread) and the replay of the step captured in a CUDA graph (the GPU's t
 B=4, H=16, D=Dv=64, bf16, bidirectional, normalised. results/NOTES.md quotes its output.
 """
 import sys
-import time
 
 import torch
 from triton.testing import do_bench
 
 import lionedu
-from lionedu.bench import graph_replay, make_inputs
+from lionedu.bench import graph_replay, host_ms_per_call, implementation, make_inputs, training_step
 
 
 def main(lengths):
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, lionedu {lionedu.__version__}")
     for L in lengths:
-        q, k, v, ld = make_inputs("s", 4, 16, L, 64, 64, torch.bfloat16)
-        leaves = [t.requires_grad_(True) for t in (q, k, v, ld)]
-        dy = torch.randn_like(v)
-
-        def step():
-            for t in leaves:
-                t.grad = None
-            lionedu.kernels.chunkwise(q, k, v, ld, check_values=False).backward(dy)
-
+        step, _ = training_step(implementation("lionedu-triton"), *make_inputs("s", 4, 16, L, 64, 64, torch.bfloat16))
         for _ in range(5):
             step()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(100):
-            step()
-        enqueue_ms = (time.perf_counter() - start) * 10
-        torch.cuda.synchronize()
+        enqueue_ms = host_ms_per_call(step, 100)
         eager_ms = do_bench(step, return_mode="median")
         with torch.autograd.set_multithreading_enabled(False):
             single_ms = do_bench(step, return_mode="median")

@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lionedu
-from lionedu.bench import make_inputs
+from lionedu.bench import make_inputs, training_step
 
 STEPS = 20
 # One profiling cycle per table: the warning that a new cycle clears the last one's events is noise.
@@ -48,20 +48,14 @@ def main(lengths):
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, lionedu {lionedu.__version__}")
     for L in lengths:
         q, k, v, ld = make_inputs("s", 4, 16, L, 64, 64, torch.bfloat16)
-        leaves = [t.requires_grad_(True) for t in (q, k, v, ld)]
-        dy = torch.randn_like(v)
         for chunk in (64, 128):
-            def forward():
-                return lionedu.kernels.chunkwise(q, k, v, ld, chunk_size=chunk, check_values=False)
+            def attention(q, k, v, ld, causal, chunk=chunk):
+                return lionedu.kernels.chunkwise(q, k, v, ld, causal=causal, chunk_size=chunk, check_values=False)
 
-            def step():
-                for t in leaves:
-                    t.grad = None
-                forward().backward(dy)
-
+            step, _ = training_step(attention, q, k, v, ld)
             print(f"L={L} chunk={chunk}")
             with torch.no_grad():
-                report("forward", kernel_times(forward))
+                report("forward", kernel_times(lambda: attention(q, k, v, ld, False)))
             report("forward+backward", kernel_times(step))
 
 

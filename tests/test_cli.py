@@ -41,6 +41,22 @@ def test_bench_floor_counts_bytes():
     assert bench.floor_ms("lit", 4, 16, 4096, 64, 64, torch.bfloat16, 1.0) < ms
 
 
+@pytest.mark.parametrize("with_decay", [True, False])
+def test_training_step_recomputes_gradients(with_decay):
+    """The benchmark's step clears the gradients, so a second step gives the same ones (not twice)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.rand(1, 2, 9, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    ld = -torch.rand(1, 2, 9, generator=gen, dtype=torch.float64) if with_decay else None
+    fn = lambda q, k, v, ld, causal: vectorized.chunkwise(q, k, v, ld, causal=causal)  # noqa: E731
+    step, leaves = bench.training_step(fn, q, k, v, ld)
+    assert len(leaves) == (4 if with_decay else 3) and all(t.requires_grad for t in leaves)
+    step()
+    first = [t.grad.clone() for t in leaves]
+    step()
+    assert all(torch.equal(a, t.grad) for a, t in zip(first, leaves))
+    assert all(a.abs().sum() > 0 for a in first)
+
+
 def test_bench_arguments_and_errors():
     args = bench.parse_args(["--lengths", "128,256", "--variants", "s,lit", "--causal", "both", "--dtype", "fp16"])
     assert args.lengths == [128, 256] and args.causal == [False, True] and args.value_dim == 64
