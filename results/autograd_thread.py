@@ -3,9 +3,8 @@
     python results/autograd_thread.py      (on a CUDA machine)
 
 For four forward+backward steps (lionedu's kernels on LION-S at L=1024; SDPA, called as the
-benchmark calls it; a Python
-``autograd.Function`` that only clones its input; a plain PyTorch multiply) the host's time
-per step with PyTorch's default engine (the backward of CUDA tensors runs in autograd's
+benchmark calls it; a Python ``autograd.Function`` that only clones its input; a plain
+PyTorch multiply) the host's time per step with PyTorch's default engine (the backward of CUDA tensors runs in autograd's
 device thread) and with ``torch.autograd.set_multithreading_enabled(False)`` (it runs in the
 calling thread); for lionedu also the time spent inside ``ChunkwiseAttention.backward``.
 B=4, H=16, D=Dv=64, bf16. results/NOTES.md quotes its output.
