@@ -26,7 +26,7 @@ for L in (4096, 16384):
     dy = torch.randn_like(v)
     for chunk in (64, 128):
         for override in CONFIGS:
-            launch.launch_config = lambda dk, dv, c, o=override: {**DEFAULT(dk, dv, c), **o}
+            launch.launch_config = lambda dk, dv, c, o=override, **kw: {**DEFAULT(dk, dv, c, **kw), **o}
             run = lambda: kernels.chunkwise(q, k, v, ld, chunk_size=chunk, check_values=False)  # noqa: E731
             try:
                 with torch.no_grad():

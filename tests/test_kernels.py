@@ -270,3 +270,29 @@ def test_host_integer_helpers(a, b):
 
     assert ceil_div(a, b) == triton.cdiv(a, b)
     assert next_power_of_2(a) == triton.next_power_of_2(a)
+
+
+def test_states_tile_width_rule():
+    """64-wide state tiles where they still fill the GPU, 32-wide otherwise and for wide heads."""
+    from lionedu.kernels.launch import launch_config
+
+    width = lambda dk, dv, walks, sms=132: launch_config(dk, dv, 64, walks=walks, multiprocessors=sms)["states_block_dv"]  # noqa: E731
+    assert width(64, 64, walks=64 * 2) == 64  # bidirectional, B*H = 64: 128 programs
+    assert width(64, 64, walks=64) == 32  # causal, B*H = 64: 64 programs would idle half the SMs
+    assert width(64, 128, walks=64) == 64  # two 64-wide tiles a walk: 128 programs
+    assert width(256, 64, walks=4096) == 32  # wide heads keep 32 columns
+    assert width(64, 16, walks=1, sms=1) == 16  # never wider than the head
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("variant", ["lit", "d", "s"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("tile", [32, 64])
+def test_gpu_state_tile_widths(monkeypatch, dtype, variant, causal, tile):
+    """Both state-tile widths on every variant, whatever the rule picks at this size."""
+    from lionedu.kernels import launch
+
+    rule = launch.launch_config
+    monkeypatch.setattr(launch, "launch_config", lambda *a, **kw: {**rule(*a, **kw), "states_block_dv": tile})
+    assert_close(compare(2, 4, 1000, 64, 64, variant, causal, True, 64, dtype, "cuda"), dtype)

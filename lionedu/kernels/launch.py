@@ -8,6 +8,7 @@ states (:mod:`.autograd`).
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -33,20 +34,33 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def launch_config(dk: int, dv: int, chunk: int) -> dict:
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; under Triton's interpreter (CPU) a nominal 1."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors: int = 1) -> dict:
     """Value-tile widths, warps and pipeline stages for head dims ``dk``, ``dv`` and chunk
-    size ``chunk`` (results/NOTES.md, tuning).
+    size ``chunk`` (results/NOTES.md, tuning). ``walks``: the states kernel's sequences times
+    directions; ``multiprocessors``: the device's.
 
     The states kernel walks chunks one after another, one program per sequence, direction and
-    value tile. For heads up to 128 wide a tile of 64 value columns (one program per sequence
-    and direction at Dv = 64) is faster than twice as many 32-wide ones, which each load and
-    scale the same keys again (forward -11 to -17 % on an H200); wider heads keep 32 columns,
-    so a tile's state stays in registers. The output kernel is parallel over chunks already,
-    computes the ``C x C`` scores once per program and loops over value tiles, so it wants
-    wide ones.
+    value tile. A tile of 64 value columns does the keys' work (load, scale, transpose, sum)
+    once where two 32-wide tiles each do it: forward -11 to -17 % on an H200 when the 64-wide
+    programs still fill the GPU (bidirectional, B*H = 64: 128 programs, 132 SMs). Where they
+    would leave most multiprocessors idle (causal at B*H = 64: 64 programs) 32-wide tiles,
+    twice as many programs, were 3-8 % faster. So: 64 wide if that gives at least 3/4 of a
+    program per multiprocessor, else 32; heads wider than 128 keep 32 columns, so a tile's
+    state stays in registers. The output kernel is parallel over chunks already, computes the
+    ``C x C`` scores once per program and loops over value tiles, so it wants wide ones.
     """
     wide = dk > 128 or dv > 128
-    return dict(states_block_dv=min(dv, 32 if wide else 64), states_warps=4, states_stages=2 if wide else 3,
+    fills = walks * ceil_div(dv, 64) * 4 >= 3 * multiprocessors
+    return dict(states_block_dv=min(dv, 64 if fills and not wide else 32), states_warps=4,
+                states_stages=2 if wide else 3,
                 output_block_dv=min(dv, 64), output_warps=8 if wide or chunk > 64 else 4,
                 output_stages=1)
 
@@ -104,7 +118,7 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
     DV = v.shape[-1]
     N = ceil_div(L, chunk_size)
     slots = int(lower) + int(upper)
-    cfg = launch_config(DK, DV, chunk_size)
+    cfg = launch_config(DK, DV, chunk_size, walks=BH * slots, multiprocessors=_multiprocessors(k.device))
     f32 = dict(device=k.device, dtype=torch.float32)
     st = States(torch.empty(slots, BH, N, DK, DV, device=k.device, dtype=k.dtype),
                 torch.empty(slots, BH, N, DK, **f32) if with_z else None,
