@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fast_launch import Launcher
 from .launch import next_power_of_2
 
 __all__ = ["decay_gradient"]
@@ -74,12 +75,14 @@ def decay_gradient_kernel(
             carry += tl.sum(d, axis=0)
 
 
+_launch = Launcher(decay_gradient_kernel)
+
+
 def decay_gradient(r_before, r_after, c_before, c_after, *, row_sums: bool = False):
     """The row dots ``[BH, L]`` float32 (contiguous) -> ``dl [BH, L]`` float32, or with
     ``row_sums`` its sum over positions, ``[BH]`` float32."""
     BH, L = r_before.shape
     out = torch.empty(BH, device=r_before.device, dtype=torch.float32) if row_sums else torch.empty_like(r_before)
     block = min(BLOCK, next_power_of_2(L))
-    decay_gradient_kernel[(BH,)](r_before, r_after, c_before, c_after, out, L, ROW_SUMS=row_sums, BLOCK=block,
-                                 num_warps=4)
+    _launch((BH,), r_before, r_after, c_before, c_after, out, L, ROW_SUMS=row_sums, BLOCK=block, num_warps=4)
     return out

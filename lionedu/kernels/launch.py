@@ -14,8 +14,12 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .fast_launch import Launcher
 from .output import chunk_output_kernel
 from .states import chunk_states_kernel
+
+_launch_states = Launcher(chunk_states_kernel)
+_launch_output = Launcher(chunk_output_kernel)
 
 __all__ = ["States", "padded_chunk_sums", "chunk_states", "chunk_outputs", "masked_operator", "launch_config",
            "ceil_div", "next_power_of_2"]
@@ -124,7 +128,8 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
                 torch.empty(slots, BH, N, DK, **f32) if with_z else None,
                 torch.empty(slots, BH, N, DV, **f32) if with_u else None,
                 torch.empty(slots, BH, N, DV, **f32) if col_offset is not None else None)
-    chunk_states_kernel[(BH, DV // cfg["states_block_dv"], slots)](
+    _launch_states(
+        (BH, DV // cfg["states_block_dv"], slots),
         k, v, _or_dummy(g, k), _or_dummy(col_offset, k), st.S, *(_or_dummy(t, k) for t in st[1:]), L, N,
         FIRST_DIRECTION=0 if lower else 1, WITH_Z=with_z, WITH_U=with_u, WITH_W=col_offset is not None,
         DK=DK, DV=DV, BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"],
@@ -159,8 +164,8 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
         out = torch.empty(BH, L, DV, device=q.device, dtype=v.dtype)
     den = torch.empty(BH, L, **f32) if with_den else None
     dots = (torch.empty(BH, L, **f32), torch.empty(BH, L, **f32)) if partner is not None else None
-    chunk_output_kernel[(N, BH)](
-        q, k, v, *(_or_dummy(t, q) for t in (g, offset)), states.S, *(_or_dummy(t, q) for t in states[1:]),
+    _launch_output(
+        (N, BH), q, k, v, *(_or_dummy(t, q) for t in (g, offset)), states.S, *(_or_dummy(t, q) for t in states[1:]),
         _or_dummy(partner, q), out, _or_dummy(den, q), *(dots if dots is not None else (q, q)), L, N,
         LOWER=lower, UPPER=upper, WITH_DEN=with_den, NORMALIZE=normalize,
         ROW_OFFSET=row_offset is not None, COL_OFFSET=col_offset is not None, SPLIT=partner is not None,

@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fast_launch import Launcher
 from .launch import ceil_div
 
 __all__ = ["normaliser_gradient"]
@@ -41,6 +42,9 @@ def normaliser_gradient_kernel(
     tl.store(dc_ptr + rows, -tl.sum(dy * y, axis=1) / den, mask=ok)
 
 
+_launch = Launcher(normaliser_gradient_kernel)
+
+
 def normaliser_gradient(dy: torch.Tensor, y: torch.Tensor, den: torch.Tensor):
     """``dy, y: [BH, L, DV]`` (DV a power of two), ``den: [BH, L]`` float32 ->
     ``dN [BH, L, DV]`` in ``y``'s dtype and ``dc [BH, L]`` float32."""
@@ -48,5 +52,5 @@ def normaliser_gradient(dy: torch.Tensor, y: torch.Tensor, den: torch.Tensor):
     BH, L, DV = y.shape
     dn = torch.empty_like(y)
     dc = torch.empty(BH, L, device=y.device, dtype=torch.float32)
-    normaliser_gradient_kernel[(ceil_div(BH * L, ROWS),)](dy, y, den, dn, dc, BH * L, DV=DV, ROWS=ROWS, num_warps=4)
+    _launch((ceil_div(BH * L, ROWS),), dy, y, den, dn, dc, BH * L, DV=DV, ROWS=ROWS, num_warps=4)
     return dn, dc

@@ -1,0 +1,151 @@
+"""lionedu.kernels.fast_launch: the cache of compiled kernels behind the launchers.
+
+A fake kernel stands in for a ``@triton.jit`` function (on a CPU the kernels are the
+interpreter's, which the launcher never launches directly), so these tests check the
+bookkeeping: which calls go through Triton, which go straight to the compiled kernel and with
+what arguments. tests/test_kernels.py checks on a GPU that both paths compute the same.
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+import triton
+
+from lionedu.kernels import fast_launch
+from lionedu.kernels.fast_launch import Launcher, argument_key
+
+
+class FakeCompiled:
+    function, packed_metadata = "handle", "metadata"
+
+    def __init__(self, fail=False):
+        self.runs, self.fail = [], fail
+
+    def run(self, *args):
+        if self.fail:
+            raise TypeError("launcher takes other arguments")
+        self.runs.append(args)
+
+
+class FakeKernel:
+    """Records ``kernel[grid](*args, **kw)`` calls; parameters ``x, n`` then constexprs ``A, B``."""
+
+    def __init__(self, names=("x", "n", "A", "B"), constexpr=(False, False, True, True), fail=False):
+        self.params = [SimpleNamespace(name=a, is_constexpr=c) for a, c in zip(names, constexpr)]
+        self.calls, self.fail = [], fail
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.calls.append((grid, args, kw))
+            return FakeCompiled(self.fail)
+        return launch
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """Direct launches on, as on a GPU: device 0, stream 7, no hooks."""
+    monkeypatch.setattr(fast_launch, "_enabled", True)
+    monkeypatch.setattr(fast_launch, "_supported", lambda: True)
+    monkeypatch.setattr(fast_launch, "_current_device", lambda: 0)
+    monkeypatch.setattr(fast_launch, "_current_stream", lambda device: 7)
+    monkeypatch.setattr(fast_launch, "_hooks_installed", lambda: False)
+
+
+def test_argument_key_separates_what_triton_specialises_on():
+    flat = torch.zeros(65)
+    aligned, shifted = flat[:64], flat[1:]  # 4-byte offset: not a multiple of 16 bytes
+    assert argument_key(aligned) == argument_key(torch.zeros(3))
+    assert argument_key(aligned) != argument_key(shifted)
+    assert argument_key(aligned) != argument_key(aligned.to(torch.float16))
+    assert argument_key(32) == argument_key(48)  # both multiples of 16
+    assert len({argument_key(n) for n in (1, 16, 17, 1 << 31)}) == 4
+    assert argument_key(True) != argument_key(1)
+    assert argument_key(0.5) != argument_key(0.25)
+
+
+def test_second_call_launches_the_compiled_kernel_directly(fast):
+    kernel = FakeKernel()
+    launch = Launcher(kernel)
+    x = torch.zeros(4)
+    first = launch((3,), x, 32, A=1, B="ieee", num_warps=8, num_stages=2)
+    assert kernel.calls == [((3,), (x, 32), dict(A=1, B="ieee", num_warps=8, num_stages=2))]
+    assert launch((5, 2), x, 48, B="ieee", A=1, num_warps=8, num_stages=2) is first  # 48: same key as 32
+    assert len(kernel.calls) == 1
+    assert first.runs == [(5, 2, 1, 7, "handle", "metadata", None, None, None, x, 48, 1, "ieee")]
+
+
+@pytest.mark.parametrize("change", ["dtype", "alignment", "int", "constexpr", "warps"])
+def test_a_new_specialisation_goes_through_triton(fast, change):
+    kernel = FakeKernel()
+    launch = Launcher(kernel)
+    x = torch.zeros(8)
+    args, kw = [x, 32], dict(A=1, B="ieee", num_warps=4, num_stages=3)
+    launch((1,), *args, **kw)
+    if change == "dtype":
+        args[0] = x.double()
+    elif change == "alignment":
+        args[0] = x[1:]
+    elif change == "int":
+        args[1] = 33
+    elif change == "constexpr":
+        kw["A"] = 2
+    else:
+        kw["num_warps"] = 8
+    launch((1,), *args, **kw)
+    assert len(kernel.calls) == 2
+
+
+def test_ordinary_path_when_off_or_hooked(fast, monkeypatch):
+    kernel = FakeKernel()
+    launch = Launcher(kernel)
+    monkeypatch.setattr(fast_launch, "_enabled", False)
+    for _ in range(2):
+        launch((1,), torch.zeros(2), 16, A=0, B=0)
+    monkeypatch.setattr(fast_launch, "_enabled", True)
+    monkeypatch.setattr(fast_launch, "_hooks_installed", lambda: True)
+    for _ in range(2):
+        launch((1,), torch.zeros(2), 16, A=0, B=0)
+    assert len(kernel.calls) == 4
+
+
+def test_hooks_count_when_set_or_chained():
+    chain = SimpleNamespace(calls=[])
+    assert not fast_launch._hook_active(None) and not fast_launch._hook_active(chain)
+    chain.calls.append(print)
+    assert fast_launch._hook_active(chain) and fast_launch._hook_active(print)
+    if hasattr(triton, "knobs"):  # this Triton's own defaults: no hooks
+        assert not fast_launch._hooks_installed()
+
+
+def test_a_refused_direct_launch_turns_the_fast_path_off(fast):
+    kernel = FakeKernel(fail=True)
+    launch = Launcher(kernel)
+    for _ in range(2):
+        launch((1,), torch.zeros(2), 16, A=0, B=0)
+    assert len(kernel.calls) == 2  # the first call, then the fallback after the refusal
+    assert not fast_launch.fast_launch_enabled()
+
+
+def test_kernels_without_trailing_constexprs_or_params_use_triton(fast):
+    middle = FakeKernel(names=("x", "A", "n"), constexpr=(False, True, False))
+    interpreted = FakeKernel()
+    del interpreted.params
+    for kernel, kw in ((middle, dict(A=0)), (interpreted, dict(A=0, B=0))):
+        launch = Launcher(kernel)
+        for _ in range(2):
+            launch((1,), torch.zeros(2), 16, **kw)
+        assert len(kernel.calls) == 2
+
+
+def test_off_under_the_interpreter_and_by_environment(monkeypatch):
+    # tests/conftest.py runs the kernels through the interpreter: never direct launches there.
+    assert not fast_launch._supported()
+    assert fast_launch.set_fast_launch(True) is False and not fast_launch.fast_launch_enabled()
+    # As on a GPU: supported unless the environment says no.
+    import lionedu.kernels
+
+    monkeypatch.setattr(lionedu.kernels, "interpreted", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert fast_launch._supported() == hasattr(triton, "knobs")
+    monkeypatch.setenv("LIONEDU_FAST_LAUNCH", "0")
+    assert not fast_launch._supported()
