@@ -2,9 +2,10 @@
 
 For each implementation, variant, causality and length it measures, on random inputs:
 the median forward time, the median forward+backward time (``triton.testing.do_bench``,
-CUDA events) and the peak memory of one forward+backward. In the same run it measures the
-device-to-device copy bandwidth and reports each forward's memory floor: the bytes of q, k,
-v, log_decay read and y written, over that bandwidth.
+CUDA events) and the peak memory of one forward+backward (its inputs plus what it
+allocates). In the same run it measures the device-to-device copy bandwidth and reports
+each forward's memory floor: the bytes of q, k, v, log_decay read and y written, over that
+bandwidth.
 
 Implementations: ``lionedu-triton`` (lionedu.kernels.chunkwise), ``vectorized-chunkwise``,
 ``attention-form`` (the materialised L x L mask, as the LION paper's code trains), ``sdpa``
@@ -144,6 +145,21 @@ def host_ms_per_call(step, calls=100):
     return elapsed / calls * 1e3
 
 
+def step_peak_mib(step, leaves, input_bytes: int) -> float:
+    """Peak memory of one call of ``step`` in MiB: ``input_bytes`` (its inputs and output
+    gradient) plus the most it allocated above what was allocated just before it, with the
+    gradients of ``leaves`` cleared first. Memory that belongs to neither the step nor its
+    inputs (the benchmark's own buffers, earlier rows' tensors) does not count."""
+    for t in leaves:
+        t.grad = None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before + input_bytes) / 2**20
+
+
 def measure(fn, variant, causal, B, H, L, D, Dv, dtype, warmup_ms=25, rep_ms=100, cuda_graph=False):
     """One benchmark row's numbers: fwd_ms, fwdbwd_ms, peak_mib (medians of repeated runs).
 
@@ -161,11 +177,7 @@ def measure(fn, variant, causal, B, H, L, D, Dv, dtype, warmup_ms=25, rep_ms=100
     fwdbwd, leaves = training_step(fn, q, k, v, ld, causal)
 
     fwdbwd()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    fwdbwd()
-    torch.cuda.synchronize()
-    peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    peak_mib = step_peak_mib(fwdbwd, leaves, sum(t.nbytes for t in (q, k, v, ld) if t is not None) + v.nbytes)
     if cuda_graph:
         fwdbwd_ms = do_bench(graph_replay(fwdbwd), warmup=warmup_ms, rep=rep_ms, return_mode="median")
     else:

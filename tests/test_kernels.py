@@ -48,10 +48,11 @@ def compare(B, H, L, D, Dv, variant, causal, normalize, chunk_size, dtype, devic
     def grads(fn, cast, decay_dtype):
         leaves = [cast(t).requires_grad_() for t in (q, k, v)]
         lds = None if ld is None else ld.to(decay_dtype).clone().requires_grad_()
-        args = leaves
+        args, decays = leaves, lds
         if layout == "transposed":  # non-contiguous views of the same values
             args = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in leaves]
-        out = fn(*args, lds)
+            decays = None if lds is None else torch.stack([lds, lds], -1)[..., 0]  # every other element
+        out = fn(*args, decays)
         out.backward(dy.to(out.dtype))
         return [out] + [t.grad for t in leaves] + ([] if lds is None else [lds.grad])
 
