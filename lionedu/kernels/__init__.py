@@ -11,7 +11,9 @@ kernel 1, the chunk states (a sequential walk over chunks that does nothing but 
 state), :mod:`.output` kernel 2, every chunk's output with all chunks in parallel;
 :mod:`.launch` runs the two as one masked operator; :mod:`.autograd` the
 ``torch.autograd.Function`` that makes attention and its gradients out of operators (book
-chapters 6 and 7); :mod:`.primer` the small teaching kernels of chapter 5.
+chapters 6 and 7); :mod:`.fast_launch` launches the compiled kernels without Triton's per-call
+Python after their first call (book chapter 8; ``LIONEDU_FAST_LAUNCH=0`` turns it off);
+:mod:`.primer` the small teaching kernels of chapter 5.
 """
 from __future__ import annotations
 
