@@ -177,7 +177,7 @@ def measure(fn, variant, causal, B, H, L, D, Dv, dtype, warmup_ms=25, rep_ms=100
     fwdbwd, leaves = training_step(fn, q, k, v, ld, causal)
 
     fwdbwd()
-    peak_mib = step_peak_mib(fwdbwd, leaves, sum(t.nbytes for t in (q, k, v, ld) if t is not None) + v.nbytes)
+    peak_mib = step_peak_mib(fwdbwd, leaves, sum(t.nbytes for t in leaves) + v.nbytes)  # + dy, shaped like v
     if cuda_graph:
         fwdbwd_ms = do_bench(graph_replay(fwdbwd), warmup=warmup_ms, rep=rep_ms, return_mode="median")
     else:

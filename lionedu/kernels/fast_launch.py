@@ -5,8 +5,9 @@ the kernel's signature, work out the specialisation Triton compiles for (the dty
 pointer and whether its address is a multiple of 16 bytes; whether each integer is 1, a
 multiple of 16, fits in 32 bits), turn that into a cache key, look the compiled kernel up,
 check that the globals the kernel reads have not changed, and only then launch it. On the
-H200 host of results/ that is ~19 µs a call, of which the launch itself is ~6-9 µs; a
-training step of LION makes ten such calls, and at short lengths the GPU waits for them.
+H200 host of results/ that was 19-27 µs a call, of which the compiled kernel's own launch
+is 6-9 µs; a training step of LION makes eight such calls, and at short lengths the GPU
+waits for them.
 
 :class:`Launcher` keeps the compiled kernel that Triton returns for each key of its own,
 made of what that specialisation depends on (device, launch options, constexpr values, and
@@ -15,8 +16,8 @@ afterwards launches it directly. A new key goes through ``kernel[grid]`` once, w
 compiles when needed, so the first call of each configuration is an ordinary Triton call.
 
 It is used only where that is safe: on a GPU (never under Triton's interpreter), with a
-Triton that launches compiled kernels the way this module does (``triton.knobs``, from
-Triton 3.4), and while no launch hooks are installed (profilers install them, and they see
+Triton that launches compiled kernels the way this module does (one that has
+``triton.knobs``; tested with Triton 3.6), and while no launch hooks are installed (profilers install them, and they see
 every launch through the ordinary path). ``LIONEDU_FAST_LAUNCH=0`` in the environment, or
 :func:`set_fast_launch`, turns it off; if a direct launch is ever refused (a Triton whose
 launcher takes other arguments), it turns itself off and the call goes through Triton.
@@ -115,10 +116,7 @@ class Launcher:
             return self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
         meta = tuple(constexprs[name] for name in self._constexpr_names)
         device = _current_device()
-        # argument_key of each argument, with its most common case (a plain tensor) inlined:
-        # this line runs on every launch.
-        key = (device, num_warps, num_stages, meta,
-               *[(a.dtype, a.data_ptr() & 15 == 0) if type(a) is torch.Tensor else argument_key(a) for a in args])
+        key = (device, num_warps, num_stages, meta, *map(argument_key, args))
         compiled = self._compiled.get(key)
         if compiled is None:  # first call of this configuration: Triton's path, which may compile
             self._compiled[key] = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages,

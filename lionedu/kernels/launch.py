@@ -49,14 +49,15 @@ def _multiprocessors(device: torch.device) -> int:
 def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors: int = 1) -> dict:
     """Value-tile widths, warps and pipeline stages for head dims ``dk``, ``dv`` and chunk
     size ``chunk`` (results/NOTES.md, tuning). ``walks``: the states kernel's sequences times
-    directions; ``multiprocessors``: the device's.
+    directions; ``multiprocessors``: the device's (left at their defaults, only the output
+    kernel's entries are meaningful: the states tile is then 32 wide).
 
     The states kernel walks chunks one after another, one program per sequence, direction and
     value tile. A tile of 64 value columns does the keys' work (load, scale, transpose, sum)
     once where two 32-wide tiles each do it: forward -11 to -17 % on an H200 when the 64-wide
     programs still fill the GPU (bidirectional, B*H = 64: 128 programs, 132 SMs). Where they
     would leave most multiprocessors idle (causal at B*H = 64: 64 programs) 32-wide tiles,
-    twice as many programs, were 3-8 % faster. So: 64 wide if that gives at least 3/4 of a
+    twice as many programs, were 2.6-7.5 % faster (results/dev-runs-h200-2026-11-30.txt §10). So: 64 wide if that gives at least 3/4 of a
     program per multiprocessor, else 32; heads wider than 128 keep 32 columns, so a tile's
     state stays in registers. The output kernel is parallel over chunks already, computes the
     ``C x C`` scores once per program and loops over value tiles, so it wants wide ones.
