@@ -172,6 +172,69 @@ def test_decay_gradient_kernel(BH, L, seed):
     assert sums.shape == (BH,) and _rel(sums, ref.sum(-1)) < 1e-6
 
 
+def _operator_reference(q, k, v, log_decay, lower, upper, a=None, b=None, partner=None):
+    """``out_i = sum_j M_ij (q_i . k_j + a_i + b_j) v_j`` over the chosen triangles, from the
+    explicit mask in float64; with ``partner`` also the row dots with the parts before and
+    after ``i`` (diagonal in neither)."""
+    BH, L, _ = q.shape
+    q, k, v = q.double(), k.double(), v.double()
+    mask = lionedu.masks.decay_mask(log_decay.double()[None])[0]  # [BH, L, L]
+    ones = torch.ones(L, L, dtype=torch.bool, device=q.device)
+    below, above, diagonal = ones.tril(-1), ones.triu(1), torch.eye(L, dtype=torch.bool, device=q.device)
+    keep = diagonal | (below if lower else ~ones) | (above if upper else ~ones)
+    scores = q @ k.transpose(1, 2)
+    if a is not None:
+        scores = scores + a.double()[:, :, None]
+    if b is not None:
+        scores = scores + b.double()[:, None, :]
+    weights = torch.where(keep, mask * scores, 0.0)
+    out = weights @ v
+    if partner is None:
+        return out, None
+    dots = tuple(((torch.where(part, weights, 0.0) @ v) * partner.double()).sum(-1) for part in (below, above))
+    return out, dots
+
+
+@settings(max_examples=10, deadline=None)
+@given(L=st.integers(1, 50), widths=st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2])),
+       tile_dk=st.sampled_from([16, 32, 64]), tile_dv=st.sampled_from([16, 32, 64]),
+       decay=st.sampled_from(["lit", "d", "s"]), triangles=st.sampled_from([(True, True), (True, False), (False, True)]),
+       offset=st.sampled_from(["row", "col"]), seed=st.integers(0, 2**31 - 1))
+def test_masked_operator_with_offsets_and_state_tiles(L, widths, tile_dk, tile_dv, decay, triangles, offset, seed):
+    """One masked operator with a row or column offset and partner dots (what the backward
+    pass asks of the kernels), the states computed in tiles of ``tile_dk`` key features by
+    ``tile_dv`` value columns (programs that own part of the state's rows store the value
+    sums u, w only once), against the explicit mask in float64. Head dims 16 or 32 under
+    the interpreter, 64 or 128 on a GPU (where the kernels only see heads padded to >= 64)."""
+    from unittest import mock
+
+    from lionedu.kernels import launch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    DK, DV = (w * (64 if device == "cuda" else 16) for w in widths)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    BH, C = 2, 16
+    rand = lambda *s: 2 * torch.rand(*s, generator=gen, device=device) - 1  # noqa: E731
+    q, k, partner = rand(BH, L, DK), rand(BH, L, DK), rand(BH, L, DV)
+    v, shift = rand(BH, L, DV), rand(BH, L)
+    per_sequence = -torch.rand(BH, generator=gen, device=device) - 1e-3
+    per_token = {"lit": torch.zeros(BH, L, device=device), "d": per_sequence[:, None].expand(BH, L),
+                 "s": -2 * torch.rand(BH, L, generator=gen, device=device)}[decay]
+    g = {"lit": None, "d": per_sequence, "s": launch.padded_chunk_sums(per_token, C)}[decay]
+    lower, upper = triangles
+    a, b = (shift, None) if offset == "row" else (None, shift)
+
+    rule = launch.launch_config
+    tiles = {"states_block_dk": min(tile_dk, DK), "states_block_dv": min(tile_dv, DV)}
+    with mock.patch.object(launch, "launch_config", lambda *args, **kw: {**rule(*args, **kw), **tiles}):
+        out, _, dots = launch.masked_operator(q, k, v, g, lower=lower, upper=upper, chunk_size=C,
+                                              row_offset=a, col_offset=b, partner=partner)
+    ref, ref_dots = _operator_reference(q, k, v, per_token, lower, upper, a, b, partner)
+    assert _rel(out, ref) < 1e-5
+    for got, want in zip(dots, ref_dots):
+        assert float((got.double() - want).norm()) <= 1e-5 * max(float(want.norm()), float(ref.norm()))
+
+
 @pytest.mark.parametrize("Dv", [16, 12])
 def test_output_is_a_tensor_of_its_own(Dv):
     """The output is no view of a buffer inside the Function, so it can be changed in place
@@ -273,29 +336,39 @@ def test_host_integer_helpers(a, b):
     assert next_power_of_2(a) == triton.next_power_of_2(a)
 
 
-def test_states_tile_width_rule():
-    """64-wide state tiles where they still fill the GPU, 32-wide otherwise and for wide heads."""
-    from lionedu.kernels.launch import launch_config
+def test_state_tile_rule():
+    """The widest state tile that gives at least 3/4 of a program per multiprocessor (the
+    cases measured on an H200, 132 SMs: results/NOTES.md), never wider than the head, and
+    wide heads at 32 value columns."""
+    from lionedu.kernels.launch import launch_config, state_tiles
 
-    width = lambda dk, dv, walks, sms=132: launch_config(dk, dv, 64, walks=walks, multiprocessors=sms)["states_block_dv"]  # noqa: E731
-    assert width(64, 64, walks=64 * 2) == 64  # bidirectional, B*H = 64: 128 programs
-    assert width(64, 64, walks=64) == 32  # causal, B*H = 64: 64 programs would idle half the SMs
-    assert width(64, 128, walks=64) == 64  # two 64-wide tiles a walk: 128 programs
-    assert width(256, 64, walks=4096) == 32  # wide heads keep 32 columns
-    assert width(64, 16, walks=1, sms=1) == 16  # never wider than the head
+    assert state_tiles(64, 64, walks=64 * 2, multiprocessors=132) == (64, 64)  # B*H = 64, bidirectional
+    assert state_tiles(64, 64, walks=64, multiprocessors=132) == (64, 32)  # B*H = 64, causal
+    assert state_tiles(64, 64, walks=32, multiprocessors=132) == (32, 32)  # B*H = 16, bidirectional
+    assert state_tiles(64, 64, walks=16, multiprocessors=132) == (16, 32)  # B*H = 8, bidirectional
+    assert state_tiles(64, 64, walks=8, multiprocessors=132) == (16, 16)  # B*H = 8, causal
+    assert state_tiles(64, 64, walks=1, multiprocessors=132) == (16, 16)  # nothing narrower
+    assert state_tiles(64, 128, walks=64, multiprocessors=132) == (64, 64)  # two 64-wide tiles a walk
+    assert state_tiles(256, 64, walks=4096, multiprocessors=132) == (256, 32)  # wide heads: 32 columns
+    assert state_tiles(256, 64, walks=2, multiprocessors=132) == (16, 16)
+    assert state_tiles(16, 32, walks=1, multiprocessors=1) == (16, 32)  # never wider than the head
+    config = launch_config(64, 64, 64, walks=8, multiprocessors=132)
+    assert (config["states_block_dk"], config["states_block_dv"]) == (16, 16)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", ["lit", "d", "s"])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("tile", [32, 64])
-def test_gpu_state_tile_widths(monkeypatch, dtype, variant, causal, tile):
-    """Both state-tile widths on every variant, whatever the rule picks at this size."""
+@pytest.mark.parametrize("tile", [(64, 64), (64, 32), (32, 32), (16, 32), (16, 16)], ids=lambda t: f"{t[0]}x{t[1]}")
+def test_gpu_state_tiles(monkeypatch, dtype, variant, causal, tile):
+    """State tiles of every shape the launch rule may pick (key features x value columns),
+    on every variant, whatever the rule picks at this size."""
     from lionedu.kernels import launch
 
     rule = launch.launch_config
-    monkeypatch.setattr(launch, "launch_config", lambda *a, **kw: {**rule(*a, **kw), "states_block_dv": tile})
+    tiles = {"states_block_dk": tile[0], "states_block_dv": tile[1]}
+    monkeypatch.setattr(launch, "launch_config", lambda *a, **kw: {**rule(*a, **kw), **tiles})
     assert_close(compare(2, 4, 1000, 64, 64, variant, causal, True, 64, dtype, "cuda"), dtype)
 
 

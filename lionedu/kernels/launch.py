@@ -22,7 +22,7 @@ _launch_states = Launcher(chunk_states_kernel)
 _launch_output = Launcher(chunk_output_kernel)
 
 __all__ = ["States", "padded_chunk_sums", "chunk_states", "chunk_outputs", "masked_operator", "launch_config",
-           "ceil_div", "next_power_of_2"]
+           "state_tiles", "ceil_div", "next_power_of_2"]
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -46,25 +46,46 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors: int = 1) -> dict:
-    """Value-tile widths, warps and pipeline stages for head dims ``dk``, ``dv`` and chunk
-    size ``chunk`` (results/NOTES.md, tuning). ``walks``: the states kernel's sequences times
-    directions; ``multiprocessors``: the device's (left at their defaults, only the output
-    kernel's entries are meaningful: the states tile is then 32 wide).
+@functools.lru_cache(maxsize=None)
+def state_tiles(dk: int, dv: int, walks: int, multiprocessors: int) -> tuple:
+    """``(block_dk, block_dv)``: the tile of the state one program of the states kernel owns.
 
-    The states kernel walks chunks one after another, one program per sequence, direction and
-    value tile. A tile of 64 value columns does the keys' work (load, scale, transpose, sum)
-    once where two 32-wide tiles each do it: forward -11 to -17 % on an H200 when the 64-wide
-    programs still fill the GPU (bidirectional, B*H = 64: 128 programs, 132 SMs). Where they
-    would leave most multiprocessors idle (causal at B*H = 64: 64 programs) 32-wide tiles,
-    twice as many programs, were 2.6-7.5 % faster (results/dev-runs-h200-2026-11-30.txt §10). So: 64 wide if that gives at least 3/4 of a
-    program per multiprocessor, else 32; heads wider than 128 keep 32 columns, so a tile's
-    state stays in registers. The output kernel is parallel over chunks already, computes the
-    ``C x C`` scores once per program and loops over value tiles, so it wants wide ones.
+    The kernel walks the chunks one after another, one program per sequence, direction and
+    tile, so the tile decides how many programs there are: ``walks`` (sequences times
+    directions) times the tiles a state holds. The widest tile that still gives at least 3/4
+    of a program per multiprocessor wins, trying in turn 64 x 64, 64 x 32, 32 x 32, 16 x 32
+    and 16 x 16 (key features x value columns; never wider than the head; heads wider than
+    128 start at 32 columns, so a tile's state stays in registers).
+
+    Why this order, measured on an H200 (results/NOTES.md): a 64-wide tile does the keys'
+    work (load, scale, transpose, sum) once where two 32-wide tiles each do it, forward -11
+    to -17 % where the wide programs fill the GPU (bidirectional, B*H = 64: 128 programs);
+    where they would leave most multiprocessors idle, narrower tiles were faster (causal at
+    B*H = 64: 64 x 32, -2.6 to -7.5 %), and with a few long sequences still narrower ones
+    (B*H = 4 to 16: forward -20 to -30 %). More programs than that gained nothing: at
+    B*H = 64 bidirectional, 32 x 64 tiles (two programs per multiprocessor) were 7 % slower.
+    """
+    candidates = [(64, 64), (64, 32), (32, 32), (16, 32), (16, 16)]
+    if dk > 128 or dv > 128:
+        candidates = [(dk, 32)] + candidates[2:]
+    tiles = [(min(dk, a), min(dv, b)) for a, b in candidates]
+    for block_dk, block_dv in tiles:
+        if walks * ceil_div(dk, block_dk) * ceil_div(dv, block_dv) * 4 >= 3 * multiprocessors:
+            return block_dk, block_dv
+    return tiles[-1]
+
+
+def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors: int = 1) -> dict:
+    """Tile widths, warps and pipeline stages for head dims ``dk``, ``dv`` and chunk size
+    ``chunk`` (results/NOTES.md, tuning). ``walks``: the states kernel's sequences times
+    directions; ``multiprocessors``: the device's (left at their defaults, only the output
+    kernel's entries are meaningful). The states kernel's tile: :func:`state_tiles`. The
+    output kernel is parallel over chunks already, computes the ``C x C`` scores once per
+    program and loops over value tiles, so it wants wide ones.
     """
     wide = dk > 128 or dv > 128
-    fills = walks * ceil_div(dv, 64) * 4 >= 3 * multiprocessors
-    return dict(states_block_dv=min(dv, 64 if fills and not wide else 32), states_warps=4,
+    block_dk, block_dv = state_tiles(dk, dv, walks, multiprocessors)
+    return dict(states_block_dk=block_dk, states_block_dv=block_dv, states_warps=4,
                 states_stages=2 if wide else 3,
                 output_block_dv=min(dv, 64), output_warps=8 if wide or chunk > 64 else 4,
                 output_stages=1)
@@ -130,10 +151,10 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
                 torch.empty(slots, BH, N, DV, **f32) if with_u else None,
                 torch.empty(slots, BH, N, DV, **f32) if col_offset is not None else None)
     _launch_states(
-        (BH, DV // cfg["states_block_dv"], slots),
+        (BH, (DK // cfg["states_block_dk"]) * (DV // cfg["states_block_dv"]), slots),
         k, v, _or_dummy(g, k), _or_dummy(col_offset, k), st.S, *(_or_dummy(t, k) for t in st[1:]), L, N,
         FIRST_DIRECTION=0 if lower else 1, WITH_Z=with_z, WITH_U=with_u, WITH_W=col_offset is not None,
-        DK=DK, DV=DV, BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"],
+        DK=DK, DV=DV, BLOCK_DK=cfg["states_block_dk"], BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"],
         num_stages=cfg["states_stages"], **_flags(k, g, chunk_size))
     return st
 

@@ -41,26 +41,30 @@ def chunk_states_kernel(
     WITH_Z: tl.constexpr, WITH_U: tl.constexpr, WITH_W: tl.constexpr,  # which vectors to keep
     CHUNK: tl.constexpr,  # C, tokens per chunk
     DK: tl.constexpr, DV: tl.constexpr,  # head dims (powers of two: the wrapper pads them)
-    BLOCK_DV: tl.constexpr,  # the tile of value columns this program owns
+    BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,  # the tile of the state this program owns
     PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32); ignored for 16-bit
 ):
     # ---- Which piece of work is ours ----------------------------------------------------
-    # Axis 0: the (batch, head) sequence; axis 1: a tile of value columns; axis 2: the slot,
-    # i.e. the direction (forward states H or backward states R). int64 offsets: B*H*L*D
-    # can pass 2^31.
+    # Axis 0: the (batch, head) sequence; axis 1: a tile of the state, BLOCK_DK key features
+    # by BLOCK_DV value columns; axis 2: the slot, i.e. the direction (forward states H or
+    # backward states R). Rows of the state (key features) are independent like its columns
+    # are: a program that owns some rows loads and scales only those features of the keys,
+    # so splitting the rows gives more programs without repeating the key work.
+    # int64 offsets: B*H*L*D can pass 2^31.
     bh = tl.program_id(0).to(tl.int64)
-    v_tile = tl.program_id(1)
+    k_tile = tl.program_id(1) // (DV // BLOCK_DV)
+    v_tile = tl.program_id(1) % (DV // BLOCK_DV)
     slot = tl.program_id(2)
     BH = tl.num_programs(0)
     backward = (FIRST_DIRECTION + slot) == 1
-    dk = tl.arange(0, DK)
+    dk = k_tile * BLOCK_DK + tl.arange(0, BLOCK_DK)
     dv = v_tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
     pos = tl.arange(0, CHUNK)
     seq = slot * BH + bh  # index of this (direction, sequence) in the outputs
 
-    # The running state (one [DK, BLOCK_DV] tile of it) and the optional vectors, float32.
-    S = tl.zeros([DK, BLOCK_DV], dtype=tl.float32)
-    z = tl.zeros([DK], dtype=tl.float32)
+    # The running state (one [BLOCK_DK, BLOCK_DV] tile of it) and the optional vectors, float32.
+    S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
+    z = tl.zeros([BLOCK_DK], dtype=tl.float32)
     u = tl.zeros([BLOCK_DV], dtype=tl.float32)
     w = tl.zeros([BLOCK_DV], dtype=tl.float32)
 
@@ -75,11 +79,13 @@ def chunk_states_kernel(
             if v_tile == 0:  # z has no value columns: one tile stores it
                 tl.store(z_ptr + at * DK + dk, z)
         if WITH_U:
-            tl.store(u_ptr + at * DV + dv, u)
+            if k_tile == 0:  # u and w have no key features: the first row tile stores them
+                tl.store(u_ptr + at * DV + dv, u)
         if WITH_W:
-            tl.store(w_ptr + at * DV + dv, w)
+            if k_tile == 0:
+                tl.store(w_ptr + at * DV + dv, w)
 
-        # ---- Load chunk n: K_n [C, DK], V_n [C, BLOCK_DV]; the tail past L reads as 0 -------
+        # ---- Load chunk n: K_n [C, BLOCK_DK], V_n [C, BLOCK_DV]; the tail past L reads as 0 -
         rows = n * CHUNK + pos
         row_ok = rows < L
         k = tl.load(k_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
@@ -101,7 +107,9 @@ def chunk_states_kernel(
         if WITH_Z:
             z = carry * z + tl.sum(k_scaled, axis=0)
         if WITH_U:
-            u = carry * u + tl.sum(key_scale[:, None] * v.to(tl.float32), axis=0)
+            if k_tile == 0:
+                u = carry * u + tl.sum(key_scale[:, None] * v.to(tl.float32), axis=0)
         if WITH_W:
-            b = tl.load(col_offset_ptr + bh * L + rows, mask=row_ok, other=0.0)
-            w = carry * w + tl.sum((key_scale * b)[:, None] * v.to(tl.float32), axis=0)
+            if k_tile == 0:
+                b = tl.load(col_offset_ptr + bh * L + rows, mask=row_ok, other=0.0)
+                w = carry * w + tl.sum((key_scale * b)[:, None] * v.to(tl.float32), axis=0)
