@@ -9,7 +9,8 @@ triton was first imported (float32 only there).
 Layout (book chapter 6; the chunkwise form is derived in chapter 4): :mod:`.states` holds
 kernel 1, the chunk states (a sequential walk over chunks that does nothing but update the
 state), :mod:`.output` kernel 2, every chunk's output with all chunks in parallel;
-:mod:`.launch` runs the two as one masked operator; :mod:`.autograd` the
+:mod:`.carries` completes the states of walks split into segments (few, long sequences);
+:mod:`.launch` runs the two kernels as one masked operator; :mod:`.autograd` the
 ``torch.autograd.Function`` that makes attention and its gradients out of operators (book
 chapters 6 and 7); :mod:`.fast_launch` launches the compiled kernels without Triton's per-call
 Python after their first call (book chapter 8; ``LIONEDU_FAST_LAUNCH=0`` turns it off);

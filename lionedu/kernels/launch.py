@@ -14,15 +14,20 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .carries import segment_carries_kernel
 from .fast_launch import Launcher
 from .output import chunk_output_kernel
 from .states import chunk_states_kernel
 
 _launch_states = Launcher(chunk_states_kernel)
+_launch_carries = Launcher(segment_carries_kernel)
 _launch_output = Launcher(chunk_output_kernel)
 
 __all__ = ["States", "padded_chunk_sums", "chunk_states", "chunk_outputs", "masked_operator", "launch_config",
-           "state_tiles", "ceil_div", "next_power_of_2"]
+           "states_plan", "ceil_div", "next_power_of_2"]
+
+
+MIN_SEGMENT_CHUNKS = 8  # a walk is cut into segments of at least this many chunks (states_plan)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -47,45 +52,57 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def state_tiles(dk: int, dv: int, walks: int, multiprocessors: int) -> tuple:
-    """``(block_dk, block_dv)``: the tile of the state one program of the states kernel owns.
+def states_plan(dk: int, dv: int, walks: int, chunks: int, multiprocessors: int) -> tuple:
+    """``(block_dk, block_dv, segments)``: how the states kernel shares out its walks.
 
-    The kernel walks the chunks one after another, one program per sequence, direction and
-    tile, so the tile decides how many programs there are: ``walks`` (sequences times
-    directions) times the tiles a state holds. The widest tile that still gives at least 3/4
-    of a program per multiprocessor wins, trying in turn 64 x 64, 64 x 32, 32 x 32, 16 x 32
-    and 16 x 16 (key features x value columns; never wider than the head; heads wider than
-    128 start at 32 columns, so a tile's state stays in registers).
+    The kernel walks the chunks of each sequence one after another, one program per
+    sequence, direction, tile of the state (``block_dk`` key features by ``block_dv`` value
+    columns) and segment of the walk (:mod:`.carries`): ``walks`` (sequences times
+    directions) times tiles times segments programs. The plan, measured on an H200
+    (results/NOTES.md, "Few sequences"):
 
-    Why this order, measured on an H200 (results/NOTES.md): a 64-wide tile does the keys'
-    work (load, scale, transpose, sum) once where two 32-wide tiles each do it, forward -11
-    to -17 % where the wide programs fill the GPU (bidirectional, B*H = 64: 128 programs);
-    where they would leave most multiprocessors idle, narrower tiles were faster (causal at
-    B*H = 64: 64 x 32, -2.6 to -7.5 %), and with a few long sequences still narrower ones
-    (B*H = 4 to 16: forward -20 to -30 %). More programs than that gained nothing: at
-    B*H = 64 bidirectional, 32 x 64 tiles (two programs per multiprocessor) were 7 % slower.
+    - 64 x 64 tiles (heads wider than 128: all key features by 32 columns, so a tile's state
+      stays in registers) and no segments where that already gives at least 3/4 of a
+      program per multiprocessor: more programs did not pay there (bidirectional,
+      B*H = 64: two segments +28 % forward, 32 x 64 tiles +7 %);
+    - otherwise the walks are cut into segments until there are about two programs per
+      multiprocessor, each segment at least 8 chunks long: forward -49 to -67 % with
+      B*H = 4 to 16 at L = 16384 to 65536, -8 to -13 % (fwd+bwd) for causal passes at
+      B*H = 64, where narrower tiles alone gained 20-30 % and 3-8 %;
+    - where the sequences are too short for enough segments, narrower tiles as well:
+      64 x 32, 32 x 32, 16 x 32, 16 x 16, the widest that gives 3/4 of a program per
+      multiprocessor.
     """
-    candidates = [(64, 64), (64, 32), (32, 32), (16, 32), (16, 16)]
-    if dk > 128 or dv > 128:
-        candidates = [(dk, 32)] + candidates[2:]
-    tiles = [(min(dk, a), min(dv, b)) for a, b in candidates]
-    for block_dk, block_dv in tiles:
-        if walks * ceil_div(dk, block_dk) * ceil_div(dv, block_dv) * 4 >= 3 * multiprocessors:
-            return block_dk, block_dv
-    return tiles[-1]
+    def programs(tile, segments=1):
+        return walks * ceil_div(dk, tile[0]) * ceil_div(dv, tile[1]) * segments
+
+    def fills(count):
+        return 4 * count >= 3 * multiprocessors
+
+    wide = dk > 128 or dv > 128
+    tiles = [(dk, 32)] if wide else [(64, 64), (64, 32)]
+    tiles = [(min(dk, a), min(dv, b)) for a, b in tiles + [(32, 32), (16, 32), (16, 16)]]
+    if fills(programs(tiles[0])):
+        return tiles[0] + (1,)
+    segments = max(1, min(ceil_div(2 * multiprocessors, max(1, programs(tiles[0]))), chunks // MIN_SEGMENT_CHUNKS))
+    for tile in tiles:
+        if fills(programs(tile, segments)):
+            return tile + (segments,)
+    return tiles[-1] + (segments,)
 
 
-def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors: int = 1) -> dict:
+def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors: int = 1, chunks: int = 1) -> dict:
     """Tile widths, warps and pipeline stages for head dims ``dk``, ``dv`` and chunk size
     ``chunk`` (results/NOTES.md, tuning). ``walks``: the states kernel's sequences times
-    directions; ``multiprocessors``: the device's (left at their defaults, only the output
-    kernel's entries are meaningful). The states kernel's tile: :func:`state_tiles`. The
+    directions, ``chunks`` its chunks per sequence, ``multiprocessors`` the device's (left at
+    their defaults, only the output kernel's entries are meaningful). How the states kernel
+    shares out its walks: :func:`states_plan`. The
     output kernel is parallel over chunks already, computes the ``C x C`` scores once per
     program and loops over value tiles, so it wants wide ones.
     """
     wide = dk > 128 or dv > 128
-    block_dk, block_dv = state_tiles(dk, dv, walks, multiprocessors)
-    return dict(states_block_dk=block_dk, states_block_dv=block_dv, states_warps=4,
+    block_dk, block_dv, segments = states_plan(dk, dv, walks, chunks, multiprocessors)
+    return dict(states_block_dk=block_dk, states_block_dv=block_dv, states_segments=segments, states_warps=4,
                 states_stages=2 if wide else 3,
                 output_block_dv=min(dv, 64), output_warps=8 if wide or chunk > 64 else 4,
                 output_stages=1)
@@ -144,18 +161,31 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
     DV = v.shape[-1]
     N = ceil_div(L, chunk_size)
     slots = int(lower) + int(upper)
-    cfg = launch_config(DK, DV, chunk_size, walks=BH * slots, multiprocessors=_multiprocessors(k.device))
+    cfg = launch_config(DK, DV, chunk_size, walks=BH * slots, multiprocessors=_multiprocessors(k.device), chunks=N)
     f32 = dict(device=k.device, dtype=torch.float32)
     st = States(torch.empty(slots, BH, N, DK, DV, device=k.device, dtype=k.dtype),
                 torch.empty(slots, BH, N, DK, **f32) if with_z else None,
                 torch.empty(slots, BH, N, DV, **f32) if with_u else None,
                 torch.empty(slots, BH, N, DV, **f32) if col_offset is not None else None)
+    # A walk in segments (carries.py): P segments of seg_chunks chunks, each walked by its own program.
+    seg_chunks = ceil_div(N, cfg["states_segments"])
+    segments = ceil_div(N, seg_chunks)
+    ends = gamma = None
+    if segments > 1:
+        ends = torch.empty(slots, BH, segments, DK * DV + DK + 2 * DV + 1, **f32)
+        gamma = torch.empty(slots, BH, N, **f32) if g is not None else None
+    switches = dict(FIRST_DIRECTION=0 if lower else 1, WITH_Z=with_z, WITH_U=with_u, WITH_W=col_offset is not None,
+                    DK=DK, DV=DV)
     _launch_states(
-        (BH, (DK // cfg["states_block_dk"]) * (DV // cfg["states_block_dv"]), slots),
-        k, v, _or_dummy(g, k), _or_dummy(col_offset, k), st.S, *(_or_dummy(t, k) for t in st[1:]), L, N,
-        FIRST_DIRECTION=0 if lower else 1, WITH_Z=with_z, WITH_U=with_u, WITH_W=col_offset is not None,
-        DK=DK, DV=DV, BLOCK_DK=cfg["states_block_dk"], BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"],
+        (BH, (DK // cfg["states_block_dk"]) * (DV // cfg["states_block_dv"]), slots * segments),
+        k, v, _or_dummy(g, k), _or_dummy(col_offset, k), st.S, *(_or_dummy(t, k) for t in st[1:]),
+        _or_dummy(ends, k), _or_dummy(gamma, k), L, N, seg_chunks, SEGMENTED=segments > 1, **switches,
+        BLOCK_DK=cfg["states_block_dk"], BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"],
         num_stages=cfg["states_stages"], **_flags(k, g, chunk_size))
+    if segments > 1:
+        _launch_carries((BH, segments, slots), st.S, *(_or_dummy(t, k) for t in st[1:]), ends, _or_dummy(gamma, k),
+                        N, seg_chunks, HAS_DECAY=g is not None, **switches, BLOCK_DV=min(DV, 64),
+                        num_warps=8 if DK > 128 else 4, num_stages=1)
     return st
 
 

@@ -13,6 +13,11 @@ walks the chunks of one sequence in order, but a step is only a load of ``K_n`` 
 ``V_n``, one ``[D, C] x [C, Dv]`` product and a store: the expensive per-chunk work (the
 ``C x C`` block and the output) is left to :mod:`.output`, which runs all chunks at once.
 
+A program owns a tile of the state (some of its rows, some of its columns: they are
+independent) and, when there are too few sequences to keep the GPU busy, one segment of a
+walk: it then starts from an empty state at the segment's edge, and :mod:`.carries` adds
+what the earlier segments contribute (``SEGMENTED``). :func:`.launch.states_plan` chooses.
+
 Three vectors ride along when the caller needs them:
 ``z = sum_j (decay) k_j`` (the state of an all-ones value column: the normaliser),
 ``u = sum_j (decay) v_j`` (for scores with a row offset ``a_i``) and
@@ -34,11 +39,15 @@ def chunk_states_kernel(
     col_offset_ptr,  # column offsets b_j [BH, L] float32 (only read with COL_OFFSET)
     S_ptr,  # out: states [slots, BH, N, DK, DV] in the inputs' dtype
     z_ptr, u_ptr, w_ptr,  # out: [slots, BH, N, DK], [slots, BH, N, DV], [slots, BH, N, DV] float32
+    ends_ptr,  # out (SEGMENTED): each segment's end record [slots, BH, P, RECORD] float32 (carries.py)
+    gamma_ptr,  # out (SEGMENTED with decays): log decay from each chunk to its segment's edge [slots, BH, N]
     L, N,  # sequence length, number of chunks
+    seg_chunks,  # chunks per segment (N when the walk is not split)
     FIRST_DIRECTION: tl.constexpr,  # direction of slot 0: 0 forward (H), 1 backward (R)
     HAS_DECAY: tl.constexpr,  # False for LIT: every decay is 1, no exponentials at all
     SCALAR_DECAY: tl.constexpr,  # LION-D: one decay per sequence, g computed, not loaded
     WITH_Z: tl.constexpr, WITH_U: tl.constexpr, WITH_W: tl.constexpr,  # which vectors to keep
+    SEGMENTED: tl.constexpr,  # the walk is split into segments (carries.py adds what comes before each)
     CHUNK: tl.constexpr,  # C, tokens per chunk
     DK: tl.constexpr, DV: tl.constexpr,  # head dims (powers of two: the wrapper pads them)
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,  # the tile of the state this program owns
@@ -47,14 +56,16 @@ def chunk_states_kernel(
     # ---- Which piece of work is ours ----------------------------------------------------
     # Axis 0: the (batch, head) sequence; axis 1: a tile of the state, BLOCK_DK key features
     # by BLOCK_DV value columns; axis 2: the slot, i.e. the direction (forward states H or
-    # backward states R). Rows of the state (key features) are independent like its columns
-    # are: a program that owns some rows loads and scales only those features of the keys,
-    # so splitting the rows gives more programs without repeating the key work.
-    # int64 offsets: B*H*L*D can pass 2^31.
+    # backward states R), times the segment of the walk. Rows of the state (key features)
+    # are independent like its columns are: a program that owns some rows loads and scales
+    # only those features of the keys, so splitting the rows gives more programs without
+    # repeating the key work. int64 offsets: B*H*L*D can pass 2^31.
     bh = tl.program_id(0).to(tl.int64)
     k_tile = tl.program_id(1) // (DV // BLOCK_DV)
     v_tile = tl.program_id(1) % (DV // BLOCK_DV)
-    slot = tl.program_id(2)
+    P = tl.cdiv(N, seg_chunks)  # segments per walk (1 unless SEGMENTED)
+    slot = tl.program_id(2) // P
+    segment = tl.program_id(2) % P
     BH = tl.num_programs(0)
     backward = (FIRST_DIRECTION + slot) == 1
     dk = k_tile * BLOCK_DK + tl.arange(0, BLOCK_DK)
@@ -68,9 +79,15 @@ def chunk_states_kernel(
     u = tl.zeros([BLOCK_DV], dtype=tl.float32)
     w = tl.zeros([BLOCK_DV], dtype=tl.float32)
 
-    for step in range(0, N):
-        # forward: chunks 0, 1, ..., N-1;  backward: N-1, ..., 0
-        n = tl.where(backward, N - 1 - step, step)
+    # Our segment: chunks first, ..., first + count - 1. The state starts empty at its edge
+    # (the chunks before it are another program's, added afterwards by carries.py).
+    first = segment * seg_chunks
+    count = tl.minimum(seg_chunks, N - first)
+    gamma = 0.0  # log decay from the segment's edge to the chunk (SEGMENTED)
+
+    for step in range(0, count):
+        # forward: chunks first, first + 1, ...;  backward: the same chunks from the last one
+        n = tl.where(backward, first + count - 1 - step, first + step)
 
         # ---- Store the state chunk n reads: every key strictly before (after) it ----------
         at = seq * N + n
@@ -97,6 +114,10 @@ def chunk_states_kernel(
             g, G = chunk_log_decays(g_ptr, bh, n, N, CHUNK, SCALAR_DECAY)
             key_scale = tl.exp(tl.where(backward, g, G - g))
             carry = tl.exp(G)
+            if SEGMENTED:  # how far chunk n is from the segment's edge, for the carries
+                if tl.program_id(1) == 0:
+                    tl.store(gamma_ptr + at, gamma)
+                gamma += G
         else:
             key_scale = tl.full([CHUNK], 1.0, tl.float32)
             carry = 1.0
@@ -113,3 +134,19 @@ def chunk_states_kernel(
             if k_tile == 0:
                 b = tl.load(col_offset_ptr + bh * L + rows, mask=row_ok, other=0.0)
                 w = carry * w + tl.sum((key_scale * b)[:, None] * v.to(tl.float32), axis=0)
+
+    # ---- A segment leaves its end record: the state past its last chunk and its total decay
+    if SEGMENTED:
+        end = (seq * P + segment) * (DK * DV + DK + 2 * DV + 1)  # record layout: carries.py
+        tl.store(ends_ptr + end + dk[:, None] * DV + dv[None, :], S)
+        if WITH_Z:
+            if v_tile == 0:
+                tl.store(ends_ptr + end + DK * DV + dk, z)
+        if WITH_U:
+            if k_tile == 0:
+                tl.store(ends_ptr + end + DK * DV + DK + dv, u)
+        if WITH_W:
+            if k_tile == 0:
+                tl.store(ends_ptr + end + DK * DV + DK + DV + dv, w)
+        if tl.program_id(1) == 0:
+            tl.store(ends_ptr + end + DK * DV + DK + 2 * DV, gamma)
