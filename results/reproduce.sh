@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Regenerates everything under results/ on a CUDA machine, in one command:
-#   bash results/reproduce.sh [OUTDIR]      (default OUTDIR: results/)
+#   bash results/reproduce.sh [OUTDIR] [PART]      (default OUTDIR: results/; PART: all, or 1 or 2 to
+#   run steps 1-3 or 4-7 alone, for machines that limit one command's time)
 # 1. the GPU test suite (pytest -m gpu; worst error per dtype), 2. python -m lionedu.check on the GPU,
 # (the tests run in 8 processes: pytest-xdist; compiling the kernels' variants is most of their time)
 # 3. python -m lionedu.bench (JSON + plot; the README and chapter 8 read these files), eager and
 #    with --cuda-graph; 4. results/host_overhead.py (host time against GPU time of one step);
 # 5. results/profile_kernels.py (GPU time per kernel, torch.profiler); 6. results/autograd_thread.py
-#    (host time of the backward in autograd's worker thread and in the calling thread).
+#    (host time of the backward in autograd's worker thread and in the calling thread); 7. few, long
+#    sequences (B=1, H=8) with CUDA-graph replays, where the states kernel walks in segments.
 set -uo pipefail
 out=${1:-results}
 mkdir -p "$out"
@@ -14,14 +16,22 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the scripts in results/ import lionedu from the checkout
 # Files are named after the GPU: "NVIDIA H100 80GB HBM3" -> bench-h100.json, "NVIDIA H200" -> bench-h200.json.
 tag=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+part=${2:-all}
+if [ "$part" = all ] || [ "$part" = 1 ]; then
 LIONEDU_ERROR_LOG="$out/gpu-errors-$tag.jsonl" python3 -m pytest -q -m gpu tests -p no:cacheprovider -n 8 2>&1 | tee "$out/gpu-tests-$tag.log"
 python3 results/summarise_errors.py "$out/gpu-errors-$tag.jsonl" | tee "$out/gpu-errors-$tag.txt"
 python3 -m lionedu.check --device cuda 2>&1 | tee "$out/check-gpu-$tag.log"
 python3 -m lionedu.bench --variants s,d,lit --causal both --impls lionedu-triton,vectorized-chunkwise,attention-form,sdpa,fla \
   --json "$out/bench-$tag.json" --plot "$out/bench-$tag.png" 2>&1 | tee "$out/bench-$tag.log"
+fi
+if [ "$part" = all ] || [ "$part" = 2 ]; then
 # 4. the same for the kernels and SDPA with CUDA-graph replays: the GPU's time without the host's.
 python3 -m lionedu.bench --variants s,d,lit --causal both --impls lionedu-triton,sdpa --cuda-graph \
   --json "$out/bench-$tag-graph.json" --plot "$out/bench-$tag-graph.png" 2>&1 | tee "$out/bench-$tag-graph.log"
 python3 results/host_overhead.py 1024 4096 2>&1 | tee "$out/host-overhead-$tag.log"
 python3 results/profile_kernels.py 1024 4096 16384 2>&1 | tee "$out/profile-kernels-$tag.log"
 python3 results/autograd_thread.py 2>&1 | tee "$out/autograd-thread-$tag.log"
+python3 -m lionedu.bench --batch 1 --heads 8 --lengths 4096,16384,65536 --variants s --causal both \
+  --impls lionedu-triton,sdpa --cuda-graph --json "$out/bench-$tag-b1-graph.json" --plot "$out/bench-$tag-b1-graph.png" \
+  2>&1 | tee "$out/bench-$tag-b1-graph.log"
+fi
