@@ -127,13 +127,13 @@ def chunk_states_kernel(
         S = carry * S + tl.dot(tl.trans(k_scaled.to(v.dtype)), v, input_precision=PRECISION)
         if WITH_Z:
             z = carry * z + tl.sum(k_scaled, axis=0)
+        # (every row tile computes u and w, the first stores them: a load under a branch here
+        # kept Triton from pipelining the walk, +25 % on the backward's states pass)
         if WITH_U:
-            if k_tile == 0:
-                u = carry * u + tl.sum(key_scale[:, None] * v.to(tl.float32), axis=0)
+            u = carry * u + tl.sum(key_scale[:, None] * v.to(tl.float32), axis=0)
         if WITH_W:
-            if k_tile == 0:
-                b = tl.load(col_offset_ptr + bh * L + rows, mask=row_ok, other=0.0)
-                w = carry * w + tl.sum((key_scale * b)[:, None] * v.to(tl.float32), axis=0)
+            b = tl.load(col_offset_ptr + bh * L + rows, mask=row_ok, other=0.0)
+            w = carry * w + tl.sum((key_scale * b)[:, None] * v.to(tl.float32), axis=0)
 
     # ---- A segment leaves its end record: the state past its last chunk and its total decay
     if SEGMENTED:
