@@ -377,6 +377,30 @@ def test_states_plan():
     assert (config["states_block_dk"], config["states_block_dv"], config["states_segments"]) == (64, 64, 32)
 
 
+@settings(max_examples=300, deadline=None)
+@given(dk=st.sampled_from([16, 32, 64, 128, 256]), dv=st.sampled_from([16, 32, 64, 128, 256]),
+       walks=st.integers(1, 5000), chunks=st.integers(1, 5000), multiprocessors=st.integers(1, 200))
+def test_states_plan_properties(dk, dv, walks, chunks, multiprocessors):
+    """Whatever the sizes: tiles divide the head dims (powers of two, at least 16), a state
+    tile of more than 128 x 32 only for heads up to 128, segments of at least 8 chunks, and
+    segments only where whole walks in the widest tile would not fill 3/4 of the SMs."""
+    from lionedu.kernels.launch import MIN_SEGMENT_CHUNKS, states_plan
+
+    block_dk, block_dv, segments = states_plan(dk, dv, walks, chunks, multiprocessors)
+    assert dk % block_dk == 0 and dv % block_dv == 0 and min(block_dk, block_dv) >= min(16, dk, dv)
+    if max(dk, dv) > 128:
+        assert block_dv <= 32
+    else:
+        assert block_dk <= 64 and block_dv <= 64
+    assert segments >= 1 and (segments == 1 or chunks // segments >= MIN_SEGMENT_CHUNKS)
+    widest = (dk, min(dv, 32)) if max(dk, dv) > 128 else (min(dk, 64), min(dv, 64))
+    whole_walks = walks * (dk // widest[0]) * (dv // widest[1])
+    if 4 * whole_walks >= 3 * multiprocessors:
+        assert segments == 1 and (block_dk, block_dv) == widest
+    else:  # more programs than whole walks in the widest tile would give
+        assert walks * (dk // block_dk) * (dv // block_dv) * segments >= whole_walks
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", ["lit", "d", "s"])
