@@ -127,8 +127,8 @@ def chunk_states_kernel(
         S = carry * S + tl.dot(tl.trans(k_scaled.to(v.dtype)), v, input_precision=PRECISION)
         if WITH_Z:
             z = carry * z + tl.sum(k_scaled, axis=0)
-        # (every row tile computes u and w, the first stores them: a load under a branch here
-        # kept Triton from pipelining the walk, +25 % on the backward's states pass)
+        # (every row tile computes u and w, the first stores them: with the offsets' load under
+        # a branch here, most likely not pipelined, the backward's states pass took 23 % longer)
         if WITH_U:
             u = carry * u + tl.sum(key_scale[:, None] * v.to(tl.float32), axis=0)
         if WITH_W:
