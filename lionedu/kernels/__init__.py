@@ -86,7 +86,8 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     and the host overhead matters. Shapes, dtypes and devices are always checked.
 
     Speed: at short lengths a step is bound by the host, not the GPU: eight Triton launches
-    from Python, six of them in the backward. Capturing the training step in a CUDA graph
+    from Python, six of them in the backward (ten where few sequences have their walks split
+    into segments, :mod:`.carries`). Capturing the training step in a CUDA graph
     (``torch.cuda.graphs``, ``torch.compile(mode="reduce-overhead")``) removes that cost
     (results/NOTES.md).
     """
