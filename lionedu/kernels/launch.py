@@ -51,7 +51,7 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=4096)  # keyed by sizes and lengths: bounded, for servers that see many lengths
 def states_plan(dk: int, dv: int, walks: int, chunks: int, multiprocessors: int) -> tuple:
     """``(block_dk, block_dv, segments)``: how the states kernel shares out its walks.
 
