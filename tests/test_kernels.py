@@ -253,6 +253,17 @@ def test_walks_in_segments(monkeypatch, variant, causal):
     assert_close(compare(2, 2, 100, 12, 20, variant, causal, True, 16, torch.float32, device), torch.float32)
 
 
+def test_walks_in_segments_wide_heads(monkeypatch):
+    """Segments with heads wider than 128 (padded to 256: the wide tiles and the carries
+    kernel's loop over value tiles)."""
+    from lionedu.kernels import launch
+
+    rule = launch.launch_config
+    monkeypatch.setattr(launch, "launch_config", lambda *a, **kw: {**rule(*a, **kw), "states_segments": 2})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert_close(compare(1, 2, 70, 130, 70, "s", False, True, 16, torch.float32, device), torch.float32)
+
+
 @pytest.mark.parametrize("Dv", [16, 12])
 def test_output_is_a_tensor_of_its_own(Dv):
     """The output is no view of a buffer inside the Function, so it can be changed in place
