@@ -30,6 +30,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+__all__ = ["segment_carries_kernel", "end_record_size"]
+
+
+def end_record_size(dk: int, dv: int) -> int:
+    """Numbers in one segment's end record (module docstring); both kernels compute the same."""
+    return dk * dv + dk + 2 * dv + 1
+
 
 @triton.jit
 def segment_carries_kernel(
@@ -52,7 +59,7 @@ def segment_carries_kernel(
     seq = slot * BH + bh
     P = tl.cdiv(N, seg_chunks)
     backward = (FIRST_DIRECTION + slot) == 1
-    RECORD: tl.constexpr = DK * DV + DK + 2 * DV + 1
+    RECORD: tl.constexpr = DK * DV + DK + 2 * DV + 1  # end_record_size(DK, DV)
     # Segments that come before ours in the walk's order: 0..p-1 forward, P-1..p+1 backward.
     earlier = tl.where(backward, P - 1 - p, p)
     first = p * seg_chunks

@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .carries import segment_carries_kernel
+from .carries import end_record_size, segment_carries_kernel
 from .fast_launch import Launcher
 from .output import chunk_output_kernel
 from .states import chunk_states_kernel
@@ -66,9 +66,10 @@ def states_plan(dk: int, dv: int, walks: int, chunks: int, multiprocessors: int)
       program per multiprocessor: more programs did not pay there (bidirectional,
       B*H = 64: two segments +28 % forward, 32 x 64 tiles +7 %);
     - otherwise the walks are cut into segments until there are about two programs per
-      multiprocessor, each segment at least 8 chunks long: forward -49 to -67 % with
-      B*H = 4 to 16 at L = 16384 to 65536, -8 to -13 % (fwd+bwd) for causal passes at
-      B*H = 64, where narrower tiles alone gained 20-30 % and 3-8 %;
+      multiprocessor, each segment at least 8 chunks long: against v6's tile rule, forward
+      0.17-0.69x and fwd+bwd 0.22-0.68x with B*H = 4 to 16 at L = 4096 to 65536; causal
+      passes at B*H = 64 fwd+bwd 0.93-0.99x at L = 4096 and 16384 but 1.01-1.06x at 1024
+      (with few sequences, narrower tiles alone gave 0.67-0.86x of v6's forward);
     - where the sequences are too short for enough segments, narrower tiles as well:
       64 x 32, 32 x 32, 16 x 32, 16 x 16, the widest that gives 3/4 of a program per
       multiprocessor.
@@ -172,7 +173,7 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
     segments = ceil_div(N, seg_chunks)
     ends = gamma = None
     if segments > 1:
-        ends = torch.empty(slots, BH, segments, DK * DV + DK + 2 * DV + 1, **f32)
+        ends = torch.empty(slots, BH, segments, end_record_size(DK, DV), **f32)
         gamma = torch.empty(slots, BH, N, **f32) if g is not None else None
     switches = dict(FIRST_DIRECTION=0 if lower else 1, WITH_Z=with_z, WITH_U=with_u, WITH_W=col_offset is not None,
                     DK=DK, DV=DV)

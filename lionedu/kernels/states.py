@@ -137,7 +137,7 @@ def chunk_states_kernel(
 
     # ---- A segment leaves its end record: the state past its last chunk and its total decay
     if SEGMENTED:
-        end = (seq * P + segment) * (DK * DV + DK + 2 * DV + 1)  # record layout: carries.py
+        end = (seq * P + segment) * (DK * DV + DK + 2 * DV + 1)  # carries.end_record_size: the layout
         tl.store(ends_ptr + end + dk[:, None] * DV + dv[None, :], S)
         if WITH_Z:
             if v_tile == 0:
