@@ -369,12 +369,15 @@ def test_states_plan():
     """How the states kernel shares out its walks (the cases measured on an H200, 132 SMs:
     results/NOTES.md): 64 x 64 tiles and whole walks where they fill the GPU; else segments
     up to about two programs per SM, at least 8 chunks each; narrower tiles only where the
-    walks are too short for that; never wider than the head; wide heads at 32 columns."""
+    walks are too short for that, or where two segments would compete with 64 x 32 tiles that
+    fill the GPU; never wider than the head; wide heads at 32 columns."""
     from lionedu.kernels.launch import launch_config, states_plan
 
     plan = lambda dk, dv, walks, chunks: states_plan(dk, dv, walks, chunks, 132)  # noqa: E731
     assert plan(64, 64, walks=128, chunks=64) == (64, 64, 1)  # B*H = 64, bidirectional
     assert plan(64, 64, walks=64, chunks=64) == (64, 64, 5)  # B*H = 64, causal: 320 programs
+    assert plan(64, 64, walks=64, chunks=32) == (64, 64, 4)  # ... L = 2048
+    assert plan(64, 64, walks=64, chunks=16) == (64, 32, 1)  # ... L = 1024: 2 segments lose to 64 x 32 tiles
     assert plan(64, 64, walks=16, chunks=1024) == (64, 64, 17)  # B*H = 8 bidirectional, L = 65536
     assert plan(64, 64, walks=16, chunks=64) == (64, 64, 8)  # ... L = 4096: segments of 8 chunks
     assert plan(64, 64, walks=16, chunks=16) == (32, 32, 2)  # ... L = 1024: narrower tiles as well
@@ -461,8 +464,15 @@ def test_gpu_fast_launch(monkeypatch, variant):
     compiled for aligned ones."""
     from triton.runtime.jit import JITFunction
 
-    from lionedu.kernels import fast_launch
+    from lionedu.kernels import decay_gradient, fast_launch, launch, normaliser
 
+    # Start from empty launcher caches: in one process, test_gpu_misaligned_inputs (same
+    # shapes and dtype) would otherwise have compiled this test's misaligned keys already,
+    # and the count of Triton launches below would come up short (seen on the H200 when the
+    # two ran in one process; the suite's xdist workers had kept them apart).
+    for launcher in (launch._launch_states, launch._launch_carries, launch._launch_output, normaliser._launch,
+                     decay_gradient._launch):
+        monkeypatch.setattr(launcher, "_compiled", {})
     triton_launches = []
     triton_run = JITFunction.run
     monkeypatch.setattr(JITFunction, "run", lambda self, *a, **kw: triton_launches.append(1) or triton_run(self, *a, **kw))

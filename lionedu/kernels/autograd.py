@@ -78,7 +78,7 @@ class ChunkwiseAttention(torch.autograd.Function):
         elif log_decay.dim() == 1:  # D: one log decay per head, [H] -> [B*H]; the kernels make the sums
             g = log_decay.float().repeat(B)
         else:  # S: one per token, summed within each chunk
-            g = padded_chunk_sums(log_decay.float().reshape(B * H, L), chunk_size)
+            g = padded_chunk_sums(log_decay.reshape(B * H, L), chunk_size)
         opts = dict(lower=True, upper=not causal, chunk_size=chunk_size)
         states = chunk_states(k_, v_, g, with_z=normalize, **opts)
         # The output is written straight into a [B, H, L, Dv'] tensor: the Function must not

@@ -68,8 +68,12 @@ def states_plan(dk: int, dv: int, walks: int, chunks: int, multiprocessors: int)
     - otherwise the walks are cut into segments until there are about two programs per
       multiprocessor, each segment at least 8 chunks long: against v6's tile rule, forward
       0.17-0.69x and fwd+bwd 0.22-0.68x with B*H = 4 to 16 at L = 4096 to 65536; causal
-      passes at B*H = 64 fwd+bwd 0.93-0.99x at L = 4096 and 16384 but 1.01-1.06x at 1024
-      (with few sequences, narrower tiles alone gave 0.67-0.86x of v6's forward);
+      passes at B*H = 64 fwd+bwd 0.93-0.99x at L = 4096 and 16384 (at 1024 two segments gave
+      1.01-1.06x: next point; with few sequences, narrower tiles alone gave 0.67-0.86x of
+      v6's forward);
+    - except where only two segments would fit (walks of 16 to 23 chunks) and 64 x 32 tiles
+      fill the GPU without segments: those are taken (B*H = 64, causal, L = 1024: forward
+      -4 % for LION-S and -10 % for LIT, fwd+bwd -1 % and -7 %; dev runs §24);
     - where the sequences are too short for enough segments, narrower tiles as well:
       64 x 32, 32 x 32, 16 x 32, 16 x 16, the widest that gives 3/4 of a program per
       multiprocessor.
@@ -86,12 +90,15 @@ def states_plan(dk: int, dv: int, walks: int, chunks: int, multiprocessors: int)
     if fills(programs(tiles[0])):
         return tiles[0] + (1,)
     segments = max(1, min(ceil_div(2 * multiprocessors, max(1, programs(tiles[0]))), chunks // MIN_SEGMENT_CHUNKS))
+    if segments == 2 and not wide and fills(programs(tiles[1])):
+        return tiles[1] + (1,)  # a walk of 16-23 chunks: halving the tile beats halving the walk
     for tile in tiles:
         if fills(programs(tile, segments)):
             return tile + (segments,)
     return tiles[-1] + (segments,)
 
 
+@functools.lru_cache(maxsize=4096)  # called on every launch: a cached dict (read it, do not change it)
 def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors: int = 1, chunks: int = 1) -> dict:
     """Tile widths, warps and pipeline stages for head dims ``dk``, ``dv`` and chunk size
     ``chunk`` (results/NOTES.md, tuning). ``walks``: the states kernel's sequences times
@@ -110,17 +117,18 @@ def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors:
 
 
 def padded_chunk_sums(log_decay, chunk_size: int):
-    """``g``: running sums of ``log_decay [BH, L]`` restarted at every chunk, ``[BH, N*C]`` float32.
+    """``g``: running sums of ``log_decay [BH, L]`` (any float dtype) restarted at every chunk,
+    ``[BH, N*C]`` float32.
 
     The tail is padded with zero log decays (decay 1) to whole chunks, so the last entry of
-    every chunk is its total ``G``. O(L) work in PyTorch.
+    every chunk is its total ``G``. O(L) work in PyTorch: one cumsum, which also makes the
+    float32 copy (three PyTorch calls where L is a multiple of C; each costs the host a few µs).
     """
     BH, L = log_decay.shape
     N = ceil_div(L, chunk_size)
-    padded = log_decay.float()
     if N * chunk_size != L:
-        padded = F.pad(padded, (0, N * chunk_size - L))
-    return padded.reshape(BH, N, chunk_size).cumsum(-1).view(BH, N * chunk_size)
+        log_decay = F.pad(log_decay, (0, N * chunk_size - L))
+    return torch.cumsum(log_decay.reshape(BH, N, chunk_size), -1, dtype=torch.float32).view(BH, N * chunk_size)
 
 
 class States(NamedTuple):
