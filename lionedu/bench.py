@@ -13,6 +13,11 @@ Implementations: ``lionedu-triton`` (lionedu.kernels.chunkwise), ``vectorized-ch
 chunk kernel, twice plus a flip, for a bidirectional layer) when it can be imported.
 
 Writes a table to the terminal, JSON with ``--json`` and a plot with ``--plot``.
+``--cuda-graph`` times replays of captured steps (the GPU's time alone);
+``--single-threaded-autograd`` times the eager forward+backward with PyTorch's backward in the
+calling thread (``torch.autograd.set_multithreading_enabled(False)``) for every
+implementation, instead of autograd's worker thread: on some hosts that changes the eager
+step of Python-launched kernels a lot (results/NOTES.md, "Host overhead").
 """
 from __future__ import annotations
 
@@ -160,13 +165,16 @@ def step_peak_mib(step, leaves, input_bytes: int) -> float:
     return (torch.cuda.max_memory_allocated() - before + input_bytes) / 2**20
 
 
-def measure(fn, variant, causal, B, H, L, D, Dv, dtype, warmup_ms=25, rep_ms=100, cuda_graph=False):
+def measure(fn, variant, causal, B, H, L, D, Dv, dtype, warmup_ms=25, rep_ms=100, cuda_graph=False,
+            single_threaded_autograd=False):
     """One benchmark row's numbers: fwd_ms, fwdbwd_ms, peak_mib (medians of repeated runs).
 
     ``cuda_graph``: time replays of CUDA graphs captured from one call instead of eager
     calls, which removes the host's share (Python, launches, the autograd engine): what a
     captured training step (``torch.compile(mode="reduce-overhead")``, ``torch.cuda.graphs``)
-    would see. Peak memory is always measured on eager calls.
+    would see. Peak memory is always measured on eager calls. ``single_threaded_autograd``:
+    the eager forward+backward runs its backward in the calling thread
+    (``torch.autograd.set_multithreading_enabled(False)``), not in autograd's worker thread.
     """
     from triton.testing import do_bench
 
@@ -181,7 +189,8 @@ def measure(fn, variant, causal, B, H, L, D, Dv, dtype, warmup_ms=25, rep_ms=100
     if cuda_graph:
         fwdbwd_ms = do_bench(graph_replay(fwdbwd), warmup=warmup_ms, rep=rep_ms, return_mode="median")
     else:
-        fwdbwd_ms = do_bench(fwdbwd, warmup=warmup_ms, rep=rep_ms, return_mode="median", grad_to_none=leaves)
+        with torch.autograd.set_multithreading_enabled(not single_threaded_autograd):
+            fwdbwd_ms = do_bench(fwdbwd, warmup=warmup_ms, rep=rep_ms, return_mode="median", grad_to_none=leaves)
     return fwd_ms, fwdbwd_ms, peak_mib
 
 
@@ -222,7 +231,7 @@ def run(args) -> dict:
             try:
                 row["fwd_ms"], row["fwdbwd_ms"], row["peak_mib"] = measure(
                     fn, variant, causal, args.batch, args.heads, L, args.head_dim, args.value_dim, dtype,
-                    cuda_graph=args.cuda_graph)
+                    cuda_graph=args.cuda_graph, single_threaded_autograd=args.single_threaded_autograd)
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
             except Exception as exc:  # a failed case is a result, not a crash
@@ -237,13 +246,21 @@ def run(args) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "copy_tbps": copy_tbps,
         "timing": "cuda-graph" if args.cuda_graph else "eager",
+        "autograd": "single-threaded" if args.single_threaded_autograd else "default",
         "rows": rows,
     }
 
 
+def _timing(result: dict) -> str:
+    """How a result was timed, for its table and plot: "eager", "cuda-graph", or eager with the
+    backward in the calling thread."""
+    single = result.get("autograd") == "single-threaded"
+    return result.get("timing", "eager") + (", single-threaded autograd" if single else "")
+
+
 def format_table(result: dict) -> str:
     head = (f"{result['device']}, torch {result['torch']}, triton {result['triton']}, {result['date']}, "
-            f"copy {result['copy_tbps']:.2f} TB/s, {result.get('timing', 'eager')} timing")
+            f"copy {result['copy_tbps']:.2f} TB/s, {_timing(result)} timing")
     cols = ["impl", "variant", "causal", "L", "fwd_ms", "fwdbwd_ms", "peak_mib", "fwd_floor_ms", "fwd/floor"]
     lines = [head, "  ".join(f"{c:>12}" for c in cols)]
     fmt = lambda x: "-" if x is None else (f"{x:.4g}" if isinstance(x, float) else str(x))  # noqa: E731
@@ -295,7 +312,7 @@ def plot(result: dict, path: str) -> None:
     rows_of_legend = -(-len(labels) // 6)  # six entries a row, under the panels
     r0 = result["rows"][0]
     fig.suptitle(f"{result['device']}: B={r0['B']} H={r0['H']} D={r0['D']} {r0['dtype']}; torch {result['torch']}, "
-                 f"triton {result['triton']}, {result['date']}, {result.get('timing', 'eager')} timing", fontsize=10)
+                 f"triton {result['triton']}, {result['date']}, {_timing(result)} timing", fontsize=10)
     fig.legend(handles, labels, loc="lower center", ncol=6, fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.045 * rows_of_legend, 1, 1))
     fig.savefig(path, dpi=120)
@@ -315,11 +332,15 @@ def parse_args(argv=None):
     p.add_argument("--impls", type=lambda s: s.split(","), default=list(IMPLS))
     p.add_argument("--cuda-graph", action="store_true",
                    help="time replays of CUDA graphs captured from one call (the GPU's time, no host overhead)")
+    p.add_argument("--single-threaded-autograd", action="store_true",
+                   help="run every eager backward in the calling thread (torch.autograd.set_multithreading_enabled(False))")
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--plot", help="write a PNG plot here")
     args = p.parse_args(argv)
     args.causal = {"false": [False], "true": [True], "both": [False, True]}[args.causal]
     args.value_dim = args.value_dim or args.head_dim
+    if args.single_threaded_autograd and args.cuda_graph:
+        p.error("--single-threaded-autograd changes eager timing; with --cuda-graph the host is not timed")
     for v in args.variants:
         if v not in ("lit", "d", "s"):
             p.error(f"--variants: unknown variant {v!r} (lit, d, s)")

@@ -65,6 +65,10 @@ def test_bench_arguments_and_errors():
         bench.parse_args(["--variants", "x"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--impls", "nope"])
+    assert bench.parse_args(["--single-threaded-autograd"]).single_threaded_autograd
+    assert not args.single_threaded_autograd
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--single-threaded-autograd", "--cuda-graph"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
@@ -83,6 +87,25 @@ def test_bench_times_cuda_graph_replays(impl):
     assert all(x > 0 for x in eager + graph) and graph[2] == pytest.approx(eager[2], rel=0.2)
 
 
+@pytest.mark.gpu
+def test_bench_single_threaded_autograd_times_the_calling_thread(monkeypatch):
+    """--single-threaded-autograd: the eager backward runs in the thread that calls it."""
+    import threading
+
+    threads = []
+    fn = bench.implementation("lionedu-triton")
+
+    def spy(q, k, v, ld, causal):
+        y = fn(q, k, v, ld, causal)
+        y.register_hook(lambda grad: threads.append(threading.get_ident()))
+        return y
+
+    times = bench.measure(spy, "s", False, 2, 4, 512, 64, 64, torch.bfloat16, 5, 20, single_threaded_autograd=True)
+    assert all(x > 0 for x in times) and threads[-1] == threading.get_ident()
+    bench.measure(spy, "s", False, 2, 4, 512, 64, 64, torch.bfloat16, 5, 20)
+    assert threads[-1] != threading.get_ident()  # PyTorch's default: autograd's worker thread for CUDA
+
+
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 
 
@@ -93,6 +116,7 @@ def test_bench_table_and_plot_from_a_result(name, tmp_path):
         result = json.load(f)
     assert {"device", "torch", "triton", "lionedu", "date", "copy_tbps", "rows"} <= set(result)
     assert result.get("timing", "eager") in ("eager", "cuda-graph")
+    assert result.get("autograd", "default") in ("default", "single-threaded")
     keys = {"impl", "variant", "causal", "B", "H", "L", "D", "Dv", "dtype", "fwd_ms", "fwdbwd_ms", "peak_mib", "fwd_floor_ms"}
     for row in result["rows"]:
         assert keys <= set(row) and row["dtype"] in ("bf16", "fp16", "fp32")
