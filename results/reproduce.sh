@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Regenerates everything under results/ on a CUDA machine, in one command:
-#   bash results/reproduce.sh [OUTDIR] [PART]      (default OUTDIR: results/; PART: all, or 1 or 2 to
-#   run steps 1-3 or 4-7 alone, for machines that limit one command's time)
+#   bash results/reproduce.sh [OUTDIR] [PART]      (default OUTDIR: results/; PART: all, or 1, 2 or 3
+#   to run steps 1-3, 4-7 or 8 alone, for machines that limit one command's time)
 # 1. the GPU test suite (pytest -m gpu; worst error per dtype), 2. python -m lionedu.check on the GPU,
 # (the tests run in 8 processes: pytest-xdist; compiling the kernels' variants is most of their time)
 # 3. python -m lionedu.bench (JSON + plot; the README and chapter 8 read these files), eager and
 #    with --cuda-graph; 4. results/host_overhead.py (host time against GPU time of one step);
 # 5. results/profile_kernels.py (GPU time per kernel, torch.profiler); 6. results/autograd_thread.py
 #    (host time of the backward in autograd's worker thread and in the calling thread); 7. few, long
-#    sequences (B=1, H=8) with CUDA-graph replays, where the states kernel walks in segments.
+#    sequences (B=1, H=8) with CUDA-graph replays, where the states kernel walks in segments;
+# 8. the eager benchmark of lionedu's kernels and SDPA with every backward in the calling thread
+#    (--single-threaded-autograd: on some hosts autograd's worker thread slows Python-launched kernels).
 set -uo pipefail
 out=${1:-results}
 mkdir -p "$out"
@@ -34,4 +36,8 @@ python3 results/autograd_thread.py 2>&1 | tee "$out/autograd-thread-$tag.log"
 python3 -m lionedu.bench --batch 1 --heads 8 --lengths 4096,16384,65536 --variants s --causal both \
   --impls lionedu-triton,sdpa --cuda-graph --json "$out/bench-$tag-b1-graph.json" --plot "$out/bench-$tag-b1-graph.png" \
   2>&1 | tee "$out/bench-$tag-b1-graph.log"
+fi
+if [ "$part" = all ] || [ "$part" = 3 ]; then
+python3 -m lionedu.bench --variants s --impls lionedu-triton,sdpa --single-threaded-autograd \
+  --json "$out/bench-$tag-single-thread.json" --plot "$out/bench-$tag-single-thread.png" 2>&1 | tee "$out/bench-$tag-single-thread.log"
 fi
