@@ -202,14 +202,15 @@ def _operator_reference(q, k, v, log_decay, lower, upper, a=None, b=None, partne
 @given(L=st.integers(1, 100), widths=st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2])),
        tile_dk=st.sampled_from([16, 32, 64]), tile_dv=st.sampled_from([16, 32, 64]), segments=st.sampled_from([1, 2, 3, 7]),
        decay=st.sampled_from(["lit", "d", "s"]), triangles=st.sampled_from([(True, True), (True, False), (False, True)]),
-       offset=st.sampled_from(["row", "col"]), seed=st.integers(0, 2**31 - 1))
+       offset=st.sampled_from(["row", "col"]), persistent=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_masked_operator_with_offsets_and_state_tiles(L, widths, tile_dk, tile_dv, segments, decay, triangles, offset,
-                                                      seed):
+                                                      persistent, seed):
     """One masked operator with a row or column offset and partner dots (what the backward
     pass asks of the kernels), the states computed in tiles of ``tile_dk`` key features by
     ``tile_dv`` value columns (programs that own part of the state's rows store the value
     sums u, w only once) and with the walk split into up to ``segments`` segments
-    (carries.py), against the explicit mask in float64. Head dims 16 or 32 under the
+    (carries.py), the outputs on either grid (one program per chunk, or persistent programs
+    that loop over chunks), against the explicit mask in float64. Head dims 16 or 32 under the
     interpreter, 64 or 128 on a GPU (where the kernels only see heads padded to >= 64)."""
     from unittest import mock
 
@@ -233,7 +234,7 @@ def test_masked_operator_with_offsets_and_state_tiles(L, widths, tile_dk, tile_d
     tiles = {"states_block_dk": min(tile_dk, DK), "states_block_dv": min(tile_dv, DV), "states_segments": segments}
     with mock.patch.object(launch, "launch_config", lambda *args, **kw: {**rule(*args, **kw), **tiles}):
         out, _, dots = launch.masked_operator(q, k, v, g, lower=lower, upper=upper, chunk_size=C,
-                                              row_offset=a, col_offset=b, partner=partner)
+                                              row_offset=a, col_offset=b, partner=partner, persistent=persistent)
     ref, ref_dots = _operator_reference(q, k, v, per_token, lower, upper, a, b, partner)
     assert _rel(out, ref) < 1e-5
     for got, want in zip(dots, ref_dots):
@@ -251,6 +252,30 @@ def test_walks_in_segments(monkeypatch, variant, causal):
     monkeypatch.setattr(launch, "launch_config", lambda *a, **kw: {**rule(*a, **kw), "states_segments": 3})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert_close(compare(2, 2, 100, 12, 20, variant, causal, True, 16, torch.float32, device), torch.float32)
+
+
+@pytest.mark.parametrize("variant", ["lit", "d", "s"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_persistent_backward_in_float32(monkeypatch, variant, causal):
+    """Output and every gradient with the backward's output launches on the persistent grid,
+    which the launcher picks only for 16-bit inputs (launch.persistent_outputs), forced here
+    for float32: under the interpreter (one nominal multiprocessor) two programs loop over
+    all 7 chunks of 2 x 2 sequences; the last chunk is not full, D != Dv, walks in segments."""
+    from lionedu.kernels import autograd, launch
+
+    rule = launch.launch_config
+    monkeypatch.setattr(launch, "launch_config", lambda *a, **kw: {**rule(*a, **kw), "states_segments": 2})
+    monkeypatch.setattr(autograd, "persistent_outputs", lambda dtype: True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert_close(compare(2, 2, 100, 12, 20, variant, causal, True, 16, torch.float32, device), torch.float32)
+
+
+def test_persistent_outputs_rule():
+    """The backward's output launches are persistent for 16-bit inputs only."""
+    from lionedu.kernels.launch import persistent_outputs
+
+    assert persistent_outputs(torch.bfloat16) and persistent_outputs(torch.float16)
+    assert not persistent_outputs(torch.float32)
 
 
 def test_walks_in_segments_wide_heads(monkeypatch):

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .decay_gradient import decay_gradient
-from .launch import States, chunk_outputs, chunk_states, next_power_of_2, padded_chunk_sums
+from .launch import States, chunk_outputs, chunk_states, next_power_of_2, padded_chunk_sums, persistent_outputs
 from .normaliser import normaliser_gradient
 
 __all__ = ["ChunkwiseAttention"]
@@ -106,15 +106,18 @@ class ChunkwiseAttention(torch.autograd.Function):
         # dK and dV see the transposed mask, so in the causal case they take the keys after.
         plain = dict(lower=True, upper=not ctx.causal, chunk_size=ctx.chunk_size)
         flipped = dict(lower=not ctx.causal, upper=True, chunk_size=ctx.chunk_size)
+        persistent = persistent_outputs(v.dtype)  # the output launches' grid (launch.persistent_outputs)
 
         # dQ = A(dN, V, K) + row offset dc: the forward's states, read transposed.
         dq, _, r = chunk_outputs(dn, v, k, g, States(S, u=z), row_offset=dc, transposed_state=True,
-                                 partner=q if want_decay else None, **plain)
+                                 partner=q if want_decay else None, persistent=persistent, **plain)
         # dK = A(V, dN, Q) + column offset dc: one new pass of states (keys dN, values Q) ...
         states = chunk_states(dn, q, g, col_offset=dc, **flipped)
-        dk, _, c = chunk_outputs(v, dn, q, g, states, col_offset=dc, partner=k if want_decay else None, **flipped)
+        dk, _, c = chunk_outputs(v, dn, q, g, states, col_offset=dc, partner=k if want_decay else None,
+                                 persistent=persistent, **flipped)
         # ... which dV = A(K, Q, dN) reads transposed.
-        dv, _, _ = chunk_outputs(k, q, dn, g, States(states.S), transposed_state=True, **flipped)
+        dv, _, _ = chunk_outputs(k, q, dn, g, States(states.S), transposed_state=True, persistent=persistent,
+                                 **flipped)
 
         d_log_decay = None
         if want_decay:

@@ -24,7 +24,7 @@ _launch_carries = Launcher(segment_carries_kernel)
 _launch_output = Launcher(chunk_output_kernel)
 
 __all__ = ["States", "padded_chunk_sums", "chunk_states", "chunk_outputs", "masked_operator", "launch_config",
-           "states_plan", "ceil_div", "next_power_of_2"]
+           "states_plan", "persistent_outputs", "ceil_div", "next_power_of_2"]
 
 
 MIN_SEGMENT_CHUNKS = 8  # a walk is cut into segments of at least this many chunks (states_plan)
@@ -113,7 +113,17 @@ def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors:
     return dict(states_block_dk=block_dk, states_block_dv=block_dv, states_segments=segments, states_warps=4,
                 states_stages=2 if wide else 3,
                 output_block_dv=min(dv, 64), output_warps=8 if wide or chunk > 64 else 4,
-                output_stages=1)
+                output_stages=1, output_programs_per_sm=2, output_loop_stages=2)
+
+
+def persistent_outputs(dtype: torch.dtype) -> bool:
+    """Whether the backward pass's output launches use the persistent grid (``chunk_outputs``'s
+    ``persistent``): for 16-bit inputs. Measured on an H200 (results/NOTES.md, dev runs §25;
+    LION-S, B*H = 64, bf16, CUDA-graph timing): forward+backward -11 % at L = 4096, -14 % at
+    16384, -2 % at 1024, where the forward's own launch gained nothing (-1 % at 4096, +5 to
+    +11 % at 1024), so the forward keeps one program per chunk. float32 keeps it too: its
+    persistent kernels were never timed."""
+    return dtype != torch.float32
 
 
 def padded_chunk_sums(log_decay, chunk_size: int):
@@ -200,14 +210,16 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
 
 def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk_size: int,
                   normalize: bool = False, with_den: bool = False, row_offset=None, col_offset=None,
-                  partner=None, transposed_state: bool = False, out=None):
+                  partner=None, transposed_state: bool = False, out=None, persistent: bool = False):
     """Kernel 2: ``out_i = sum_j M_ij (q_i . k_j + a_i + b_j) v_j`` for every chunk at once.
 
     ``q, k: [BH, L, DK]``, ``v: [BH, L, DV]``; ``states`` from :func:`chunk_states` for the
     same ``lower`` / ``upper`` (``S`` as ``[.., DK, DV]``, or as ``[.., DV, DK]`` with
     ``transposed_state``; ``z`` with ``with_den``, ``u`` with ``row_offset``, ``w`` with
     ``col_offset``). ``out``: where to write the result (a contiguous ``[BH, L, DV]`` tensor
-    in ``v``'s dtype), or ``None`` for a new one. See :func:`masked_operator` for the rest.
+    in ``v``'s dtype), or ``None`` for a new one. ``persistent``: launch a few programs per
+    multiprocessor that loop over the chunks (:mod:`.output`) instead of one per chunk; the
+    same sums. See :func:`masked_operator` for the rest.
     """
     if row_offset is not None and col_offset is not None:
         raise ValueError("chunk_outputs takes a row offset or a column offset, not both")
@@ -225,18 +237,24 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
         out = torch.empty(BH, L, DV, device=q.device, dtype=v.dtype)
     den = torch.empty(BH, L, **f32) if with_den else None
     dots = (torch.empty(BH, L, **f32), torch.empty(BH, L, **f32)) if partner is not None else None
+    if persistent:  # a few programs per multiprocessor, each looping over chunks
+        grid = (min(N * BH, cfg["output_programs_per_sm"] * _multiprocessors(q.device)),)
+    else:  # one program per chunk
+        grid = (N, BH)
     _launch_output(
-        (N, BH), q, k, v, *(_or_dummy(t, q) for t in (g, offset)), states.S, *(_or_dummy(t, q) for t in states[1:]),
-        _or_dummy(partner, q), out, _or_dummy(den, q), *(dots if dots is not None else (q, q)), L, N,
+        grid, q, k, v, *(_or_dummy(t, q) for t in (g, offset)), states.S, *(_or_dummy(t, q) for t in states[1:]),
+        _or_dummy(partner, q), out, _or_dummy(den, q), *(dots if dots is not None else (q, q)), L, N, BH,
         LOWER=lower, UPPER=upper, WITH_DEN=with_den, NORMALIZE=normalize,
         ROW_OFFSET=row_offset is not None, COL_OFFSET=col_offset is not None, SPLIT=partner is not None,
         TRANSPOSED_STATE=transposed_state, DK=DK, DV=DV, BLOCK_DV=cfg["output_block_dv"],
-        num_warps=cfg["output_warps"], num_stages=cfg["output_stages"], **_flags(q, g, chunk_size))
+        PERSISTENT=persistent, LOOP_STAGES=cfg["output_loop_stages"], num_warps=cfg["output_warps"],
+        num_stages=cfg["output_stages"], **_flags(q, g, chunk_size))
     return out, den, dots
 
 
 def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, normalize: bool = False,
-                    with_den: bool = False, row_offset=None, col_offset=None, partner=None):
+                    with_den: bool = False, row_offset=None, col_offset=None, partner=None,
+                    persistent: bool = False):
     """``out_i = sum_j M_ij (q_i . k_j + a_i + b_j) v_j`` over ``j = i`` and, with ``lower``
     / ``upper``, the keys before / after ``i``: :func:`chunk_states`, then :func:`chunk_outputs`.
 
@@ -246,7 +264,8 @@ def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, no
     :func:`padded_chunk_sums` (one per token, LION-S); ``row_offset`` ``a`` or
     ``col_offset`` ``b``: at most one, ``[BH, L]`` float32; ``normalize`` divides by the
     normaliser (needs ``with_den``); ``partner`` ``P [BH, L, DV]`` asks for the row dots
-    ``P_i . (keys-before part of out_i)`` and ``P_i . (keys-after part)``, diagonal in neither.
+    ``P_i . (keys-before part of out_i)`` and ``P_i . (keys-after part)``, diagonal in neither;
+    ``persistent``: the output kernel's grid (:func:`chunk_outputs`).
 
     Returns ``out [BH, L, DV]`` in ``v``'s dtype, the normaliser ``[BH, L]`` float32 (or
     ``None``) and the pair of row dots ``[BH, L]`` float32 (or ``None``).
@@ -257,4 +276,4 @@ def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, no
                           with_u=row_offset is not None, col_offset=col_offset)
     return chunk_outputs(q, k, v, g, states, lower=lower, upper=upper, chunk_size=chunk_size,
                          normalize=normalize, with_den=with_den, row_offset=row_offset,
-                         col_offset=col_offset, partner=partner)
+                         col_offset=col_offset, partner=partner, persistent=persistent)

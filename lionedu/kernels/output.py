@@ -17,6 +17,11 @@ For the backward pass (book chapter 7, :mod:`.autograd`) the scores may carry a 
 offset, ``q_i . k_j + a_i`` (``ROW_OFFSET``) or ``q_i . k_j + b_j`` (``COL_OFFSET``), and with
 ``SPLIT`` the kernel also returns, for a ``partner`` tensor ``P``, the row dots
 ``P_i . (keys before i)`` and ``P_i . (keys after i)``: the decay gradient is built from them.
+
+The chunks are independent, so the grid is free: one program per chunk, or (``PERSISTENT``)
+a few programs per multiprocessor that each loop over many chunks, which lets Triton's
+pipeliner load the next chunk while this one is computed. The backward pass uses the second
+for 16-bit inputs (:func:`.launch.persistent_outputs`, results/NOTES.md).
 """
 from __future__ import annotations
 
@@ -48,34 +53,17 @@ def _state_share(q, offset, read_scale, S_ptr, u_ptr, w_ptr, at, dk, dv, DK: tl.
 
 
 @triton.jit
-def chunk_output_kernel(
-    q_ptr, k_ptr, v_ptr,  # q, k [BH, L, DK], v [BH, L, DV], one dtype, contiguous
-    g_ptr,  # chunk-local sums of the log decays [BH, N*C] float32, or [BH] (SCALAR_DECAY)
-    offset_ptr,  # score offsets a_i or b_j [BH, L] float32 (ROW_OFFSET / COL_OFFSET)
-    S_ptr, z_ptr, u_ptr, w_ptr,  # from chunk_states_kernel: [slots, BH, N, ...]
-    partner_ptr,  # P [BH, L, DV] (SPLIT only)
-    out_ptr,  # out [BH, L, DV] in v's dtype
-    den_ptr,  # normaliser [BH, L] float32 (WITH_DEN)
-    dot_before_ptr, dot_after_ptr,  # out: the partner row dots [BH, L] float32 (SPLIT)
-    L, N,
-    LOWER: tl.constexpr,  # keys j < i count (forward state in slot 0)
-    UPPER: tl.constexpr,  # keys j > i count (backward state in the next slot)
-    HAS_DECAY: tl.constexpr,  # False for LIT: no exponentials
-    SCALAR_DECAY: tl.constexpr,  # LION-D: one decay per sequence, g computed (decays.py)
-    WITH_DEN: tl.constexpr,  # compute (and store) the normaliser
-    NORMALIZE: tl.constexpr,  # divide by the normaliser before storing
-    ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,  # scores q_i . k_j + a_i  /  + b_j
-    SPLIT: tl.constexpr,  # also compute the partner row dots
-    TRANSPOSED_STATE: tl.constexpr,  # the states are stored transposed, [DV, DK] (see _state_share)
-    CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DV: tl.constexpr,  # value columns per step of the tile loop
-    PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32); ignored for 16-bit
+def _chunk_output(
+    n, bh, BH,  # chunk n of sequence bh (int64), of BH sequences
+    q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr, out_ptr, den_ptr,
+    dot_before_ptr, dot_after_ptr, L, N,
+    LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_DECAY: tl.constexpr, SCALAR_DECAY: tl.constexpr,
+    WITH_DEN: tl.constexpr, NORMALIZE: tl.constexpr, ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,
+    SPLIT: tl.constexpr, TRANSPOSED_STATE: tl.constexpr, CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # ---- Which piece of work is ours: chunk n of sequence bh ----------------------------------
-    # All value columns, a tile of BLOCK_DV at a time, so the C x C scores are computed once.
-    n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    BH = tl.num_programs(1)
+    """The output of chunk ``n`` of sequence ``bh``, all value columns, a tile of ``BLOCK_DV``
+    at a time, so the ``C x C`` scores are computed once. Arguments: :func:`chunk_output_kernel`."""
     dk = tl.arange(0, DK)
     pos = tl.arange(0, CHUNK)
     rows = n * CHUNK + pos
@@ -137,7 +125,7 @@ def chunk_output_kernel(
         dot_after = tl.zeros([CHUNK], dtype=tl.float32)
 
     # ---- One tile of value columns at a time --------------------------------------------------
-    for tile in range(0, DV // BLOCK_DV):
+    for tile in tl.static_range(0, DV // BLOCK_DV):
         dv = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
         out_at = (bh * L + rows[:, None]) * DV + dv[None, :]
         v = tl.load(v_ptr + out_at, mask=row_ok[:, None], other=0.0)  # V_n [C, BLOCK_DV]
@@ -171,3 +159,51 @@ def chunk_output_kernel(
     if SPLIT:
         tl.store(dot_before_ptr + bh * L + rows, dot_before, mask=row_ok)
         tl.store(dot_after_ptr + bh * L + rows, dot_after, mask=row_ok)
+
+
+@triton.jit
+def chunk_output_kernel(
+    q_ptr, k_ptr, v_ptr,  # q, k [BH, L, DK], v [BH, L, DV], one dtype, contiguous
+    g_ptr,  # chunk-local sums of the log decays [BH, N*C] float32, or [BH] (SCALAR_DECAY)
+    offset_ptr,  # score offsets a_i or b_j [BH, L] float32 (ROW_OFFSET / COL_OFFSET)
+    S_ptr, z_ptr, u_ptr, w_ptr,  # from chunk_states_kernel: [slots, BH, N, ...]
+    partner_ptr,  # P [BH, L, DV] (SPLIT only)
+    out_ptr,  # out [BH, L, DV] in v's dtype
+    den_ptr,  # normaliser [BH, L] float32 (WITH_DEN)
+    dot_before_ptr, dot_after_ptr,  # out: the partner row dots [BH, L] float32 (SPLIT)
+    L, N, BH,  # sequence length, chunks per sequence, sequences
+    LOWER: tl.constexpr,  # keys j < i count (forward state in slot 0)
+    UPPER: tl.constexpr,  # keys j > i count (backward state in the next slot)
+    HAS_DECAY: tl.constexpr,  # False for LIT: no exponentials
+    SCALAR_DECAY: tl.constexpr,  # LION-D: one decay per sequence, g computed (decays.py)
+    WITH_DEN: tl.constexpr,  # compute (and store) the normaliser
+    NORMALIZE: tl.constexpr,  # divide by the normaliser before storing
+    ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,  # scores q_i . k_j + a_i  /  + b_j
+    SPLIT: tl.constexpr,  # also compute the partner row dots
+    TRANSPOSED_STATE: tl.constexpr,  # the states are stored transposed, [DV, DK] (see _state_share)
+    CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+    BLOCK_DV: tl.constexpr,  # value columns per step of the tile loop
+    PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32); ignored for 16-bit
+    PERSISTENT: tl.constexpr,  # a grid of a few programs per SM, each looping over chunks
+    LOOP_STAGES: tl.constexpr,  # with PERSISTENT: how many chunks' loads are in flight at once
+):
+    # ---- Which pieces of work are ours -------------------------------------------------------
+    # One chunk n of sequence bh per program (grid (N, BH)), or, PERSISTENT, a grid of a few
+    # programs per SM in which program p takes chunks p, p + P, p + 2P, ... of the N * BH
+    # (chunk fastest, so neighbouring programs read neighbouring memory). In the loop Triton's
+    # pipeliner issues the next chunk's loads while this chunk is computed (LOOP_STAGES
+    # buffers in shared memory): latency that one program per chunk can only hide by having
+    # other programs on the SM.
+    if PERSISTENT:
+        for t in tl.range(tl.program_id(0), N * BH, tl.num_programs(0), num_stages=LOOP_STAGES):
+            _chunk_output(t % N, (t // N).to(tl.int64), BH,
+                          q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr, out_ptr,
+                          den_ptr, dot_before_ptr, dot_after_ptr, L, N, LOWER, UPPER, HAS_DECAY, SCALAR_DECAY,
+                          WITH_DEN, NORMALIZE, ROW_OFFSET, COL_OFFSET, SPLIT, TRANSPOSED_STATE, CHUNK, DK, DV,
+                          BLOCK_DV, PRECISION)
+    else:
+        _chunk_output(tl.program_id(0), tl.program_id(1).to(tl.int64), BH,
+                      q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr, out_ptr,
+                      den_ptr, dot_before_ptr, dot_after_ptr, L, N, LOWER, UPPER, HAS_DECAY, SCALAR_DECAY,
+                      WITH_DEN, NORMALIZE, ROW_OFFSET, COL_OFFSET, SPLIT, TRANSPOSED_STATE, CHUNK, DK, DV,
+                      BLOCK_DV, PRECISION)
