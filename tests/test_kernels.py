@@ -265,17 +265,20 @@ def test_persistent_backward_in_float32(monkeypatch, variant, causal):
 
     rule = launch.launch_config
     monkeypatch.setattr(launch, "launch_config", lambda *a, **kw: {**rule(*a, **kw), "states_segments": 2})
-    monkeypatch.setattr(autograd, "persistent_outputs", lambda dtype: True)
+    monkeypatch.setattr(autograd, "persistent_outputs", lambda *args: True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert_close(compare(2, 2, 100, 12, 20, variant, causal, True, 16, torch.float32, device), torch.float32)
 
 
 def test_persistent_outputs_rule():
-    """The backward's output launches are persistent for 16-bit inputs only."""
+    """The backward's output launches are persistent for 16-bit inputs with heads up to 128
+    and chunks up to 64 (what was measured), and nowhere else."""
     from lionedu.kernels.launch import persistent_outputs
 
-    assert persistent_outputs(torch.bfloat16) and persistent_outputs(torch.float16)
-    assert not persistent_outputs(torch.float32)
+    assert persistent_outputs(torch.bfloat16, 64, 64, 64) and persistent_outputs(torch.float16, 128, 128, 16)
+    assert not persistent_outputs(torch.float32, 64, 64, 64)
+    assert not persistent_outputs(torch.bfloat16, 256, 64, 64) and not persistent_outputs(torch.bfloat16, 64, 256, 64)
+    assert not persistent_outputs(torch.bfloat16, 64, 64, 128)
 
 
 def test_walks_in_segments_wide_heads(monkeypatch):

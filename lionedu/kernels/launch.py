@@ -116,14 +116,16 @@ def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors:
                 output_stages=1, output_programs_per_sm=2, output_loop_stages=2)
 
 
-def persistent_outputs(dtype: torch.dtype) -> bool:
+def persistent_outputs(dtype: torch.dtype, dk: int, dv: int, chunk: int) -> bool:
     """Whether the backward pass's output launches use the persistent grid (``chunk_outputs``'s
-    ``persistent``): for 16-bit inputs. Measured on an H200 (results/NOTES.md, dev runs §25;
-    LION-S, B*H = 64, bf16, CUDA-graph timing): forward+backward -11 % at L = 4096, -14 % at
-    16384, -2 % at 1024, where the forward's own launch gained nothing (-1 % at 4096, +5 to
-    +11 % at 1024), so the forward keeps one program per chunk. float32 keeps it too: its
-    persistent kernels were never timed."""
-    return dtype != torch.float32
+    ``persistent``), for inputs of ``dtype`` with (padded) head dims ``dk``, ``dv`` and chunk
+    size ``chunk``. Measured on an H200 (results/NOTES.md, dev runs §25; LION-S, B*H = 64,
+    D = Dv = 64, C = 64, bf16, CUDA-graph timing): forward+backward -11 % at L = 4096, -14 %
+    at 16384, -2 % at 1024, where the forward's own launch gained nothing (-1 % at 4096, +5
+    to +11 % at 1024), so the forward keeps one program per chunk. Taken for 16-bit inputs
+    with heads up to 128 and chunks up to 64 (the measured kernel's warps and tile sizes);
+    float32, wider heads and longer chunks keep one program per chunk: not timed."""
+    return dtype != torch.float32 and dk <= 128 and dv <= 128 and chunk <= 64
 
 
 def padded_chunk_sums(log_decay, chunk_size: int):

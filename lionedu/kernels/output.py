@@ -21,7 +21,7 @@ offset, ``q_i . k_j + a_i`` (``ROW_OFFSET``) or ``q_i . k_j + b_j`` (``COL_OFFSE
 The chunks are independent, so the grid is free: one program per chunk, or (``PERSISTENT``)
 a few programs per multiprocessor that each loop over many chunks, which lets Triton's
 pipeliner load the next chunk while this one is computed. The backward pass uses the second
-for 16-bit inputs (:func:`.launch.persistent_outputs`, results/NOTES.md).
+where :func:`.launch.persistent_outputs` says so (16-bit inputs; results/NOTES.md).
 """
 from __future__ import annotations
 
