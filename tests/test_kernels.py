@@ -258,8 +258,8 @@ def test_walks_in_segments(monkeypatch, variant, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_persistent_backward_in_float32(monkeypatch, variant, causal):
     """Output and every gradient with the backward's output launches on the persistent grid,
-    which the launcher picks only for 16-bit inputs (launch.persistent_outputs), forced here
-    for float32: under the interpreter (one nominal multiprocessor) two programs loop over
+    which the launcher picks only for 16-bit inputs with decays (launch.persistent_outputs),
+    forced here for float32 and every variant: under the interpreter (one nominal multiprocessor) two programs loop over
     all 7 chunks of 2 x 2 sequences; the last chunk is not full, D != Dv, walks in segments."""
     from lionedu.kernels import autograd, launch
 
@@ -271,14 +271,16 @@ def test_persistent_backward_in_float32(monkeypatch, variant, causal):
 
 
 def test_persistent_outputs_rule():
-    """The backward's output launches are persistent for 16-bit inputs with heads up to 128
-    and chunks up to 64 (what was measured), and nowhere else."""
+    """The backward's output launches are persistent where that was measured faster: 16-bit
+    inputs with decays, heads and chunks up to 64; nowhere else."""
     from lionedu.kernels.launch import persistent_outputs
 
-    assert persistent_outputs(torch.bfloat16, 64, 64, 64) and persistent_outputs(torch.float16, 128, 128, 16)
-    assert not persistent_outputs(torch.float32, 64, 64, 64)
-    assert not persistent_outputs(torch.bfloat16, 256, 64, 64) and not persistent_outputs(torch.bfloat16, 64, 256, 64)
-    assert not persistent_outputs(torch.bfloat16, 64, 64, 128)
+    assert persistent_outputs(torch.bfloat16, 64, 64, 64, True) and persistent_outputs(torch.float16, 16, 32, 16, True)
+    assert not persistent_outputs(torch.bfloat16, 64, 64, 64, False)  # LIT
+    assert not persistent_outputs(torch.float32, 64, 64, 64, True)
+    assert not persistent_outputs(torch.bfloat16, 128, 64, 64, True)
+    assert not persistent_outputs(torch.bfloat16, 64, 128, 64, True)
+    assert not persistent_outputs(torch.bfloat16, 64, 64, 128, True)
 
 
 def test_walks_in_segments_wide_heads(monkeypatch):

@@ -107,7 +107,7 @@ class ChunkwiseAttention(torch.autograd.Function):
         plain = dict(lower=True, upper=not ctx.causal, chunk_size=ctx.chunk_size)
         flipped = dict(lower=not ctx.causal, upper=True, chunk_size=ctx.chunk_size)
         # The output launches' grid (launch.persistent_outputs): v is [BH, L, Dv'], q and k [BH, L, D'].
-        persistent = persistent_outputs(v.dtype, k.shape[-1], v.shape[-1], ctx.chunk_size)
+        persistent = persistent_outputs(v.dtype, k.shape[-1], v.shape[-1], ctx.chunk_size, g is not None)
 
         # dQ = A(dN, V, K) + row offset dc: the forward's states, read transposed.
         dq, _, r = chunk_outputs(dn, v, k, g, States(S, u=z), row_offset=dc, transposed_state=True,

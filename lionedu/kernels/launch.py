@@ -116,16 +116,20 @@ def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors:
                 output_stages=1, output_programs_per_sm=2, output_loop_stages=2)
 
 
-def persistent_outputs(dtype: torch.dtype, dk: int, dv: int, chunk: int) -> bool:
+def persistent_outputs(dtype: torch.dtype, dk: int, dv: int, chunk: int, decays: bool) -> bool:
     """Whether the backward pass's output launches use the persistent grid (``chunk_outputs``'s
-    ``persistent``), for inputs of ``dtype`` with (padded) head dims ``dk``, ``dv`` and chunk
-    size ``chunk``. Measured on an H200 (results/NOTES.md, dev runs §25; LION-S, B*H = 64,
-    D = Dv = 64, C = 64, bf16, CUDA-graph timing): forward+backward -11 % at L = 4096, -14 %
-    at 16384, -2 % at 1024, where the forward's own launch gained nothing (-1 % at 4096, +5
-    to +11 % at 1024), so the forward keeps one program per chunk. Taken for 16-bit inputs
-    with heads up to 128 and chunks up to 64 (the measured kernel's warps and tile sizes);
-    float32, wider heads and longer chunks keep one program per chunk: not timed."""
-    return dtype != torch.float32 and dk <= 128 and dv <= 128 and chunk <= 64
+    ``persistent``), for inputs of ``dtype`` with (padded) head dims ``dk``, ``dv``, chunk size
+    ``chunk``, and ``decays`` (LION-S or LION-D; LIT has none).
+
+    Measured on an H200 (results/NOTES.md; B*H = 64, D = Dv = 64, C = 64, bf16, CUDA-graph
+    timing): forward+backward of LION-S and LION-D -3 to -4 % at L = 1024, -10 % at 4096,
+    -12 to -13 % at 16384 (dev runs §25, `bench-h200-graph.json` against
+    `bench-h200-v7-graph.json`); LIT +1 to +6 %, so LIT keeps one program per chunk. The
+    forward's own launch gained nothing (dev runs §25: -1 % at 4096, +5 to +11 % at 1024) and
+    keeps one program per chunk. Only the measured sizes take it: 16-bit inputs, heads up to
+    64, chunks up to 64. With 128-wide heads the persistent kernel failed on the H200
+    (Triton 3.6; its loop's buffers are ~3x as large); float32 was never timed."""
+    return decays and dtype != torch.float32 and dk <= 64 and dv <= 64 and chunk <= 64
 
 
 def padded_chunk_sums(log_decay, chunk_size: int):

@@ -21,7 +21,7 @@ offset, ``q_i . k_j + a_i`` (``ROW_OFFSET``) or ``q_i . k_j + b_j`` (``COL_OFFSE
 The chunks are independent, so the grid is free: one program per chunk, or (``PERSISTENT``)
 a few programs per multiprocessor that each loop over many chunks, which lets Triton's
 pipeliner load the next chunk while this one is computed. The backward pass uses the second
-where :func:`.launch.persistent_outputs` says so (16-bit inputs; results/NOTES.md).
+where :func:`.launch.persistent_outputs` says so (measured faster there; results/NOTES.md).
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def _chunk_output(
         dot_after = tl.zeros([CHUNK], dtype=tl.float32)
 
     # ---- One tile of value columns at a time --------------------------------------------------
-    for tile in tl.static_range(0, DV // BLOCK_DV):
+    for tile in range(0, DV // BLOCK_DV):
         dv = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
         out_at = (bh * L + rows[:, None]) * DV + dv[None, :]
         v = tl.load(v_ptr + out_at, mask=row_ok[:, None], other=0.0)  # V_n [C, BLOCK_DV]
