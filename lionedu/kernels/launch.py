@@ -121,12 +121,11 @@ def persistent_outputs(dtype: torch.dtype, dk: int, dv: int, chunk: int, decays:
     ``persistent``), for inputs of ``dtype`` with (padded) head dims ``dk``, ``dv``, chunk size
     ``chunk``, and ``decays`` (LION-S or LION-D; LIT has none).
 
-    Measured on an H200 (results/NOTES.md; B*H = 64, D = Dv = 64, C = 64, bf16, CUDA-graph
-    timing): forward+backward of LION-S and LION-D -3 to -4 % at L = 1024, -10 % at 4096,
-    -12 to -13 % at 16384 (dev runs §25, `bench-h200-graph.json` against
-    `bench-h200-v7-graph.json`); LIT +1 to +6 %, so LIT keeps one program per chunk. The
-    forward's own launch gained nothing (dev runs §25: -1 % at 4096, +5 to +11 % at 1024) and
-    keeps one program per chunk. Only the measured sizes take it: 16-bit inputs, heads up to
+    Measured on an H200 (results/NOTES.md, dev runs §25-26; B*H = 64, D = Dv = 64, C = 64,
+    bf16, CUDA-graph timing): forward+backward of LION-S and LION-D -3 to -4 % at L = 1024,
+    -9 to -10 % at 4096, -12 to -13 % at 16384; LIT's -0.3 to +6 %, so LIT keeps one program
+    per chunk. The forward's own launch gained little or lost (-1 % at 4096, -4 % at 16384,
+    +5 to +11 % at 1024) and keeps one program per chunk. Only the measured sizes take it: 16-bit inputs, heads up to
     64, chunks up to 64. With 128-wide heads the persistent kernel failed on the H200
     (Triton 3.6; its loop's buffers are ~3x as large); float32 was never timed."""
     return decays and dtype != torch.float32 and dk <= 64 and dv <= 64 and chunk <= 64
