@@ -106,7 +106,9 @@ def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors:
     their defaults, only the output kernel's entries are meaningful). How the states kernel
     shares out its walks: :func:`states_plan`. The
     output kernel is parallel over chunks already, computes the ``C x C`` scores once per
-    program and loops over value tiles, so it wants wide ones.
+    program and loops over value tiles, so it wants wide ones; on its persistent grid
+    (:func:`persistent_outputs`) it runs ``output_programs_per_sm`` programs per multiprocessor
+    with ``output_loop_stages`` chunks' loads in flight.
     """
     wide = dk > 128 or dv > 128
     block_dk, block_dv, segments = states_plan(dk, dv, walks, chunks, multiprocessors)
@@ -125,9 +127,11 @@ def persistent_outputs(dtype: torch.dtype, dk: int, dv: int, chunk: int, decays:
     bf16, CUDA-graph timing): forward+backward of LION-S and LION-D -3 to -4 % at L = 1024,
     -9 to -10 % at 4096, -12 to -13 % at 16384; LIT's -0.3 to +6 %, so LIT keeps one program
     per chunk. The forward's own launch gained little or lost (-1 % at 4096, -4 % at 16384,
-    +5 to +11 % at 1024) and keeps one program per chunk. Only the measured sizes take it: 16-bit inputs, heads up to
-    64, chunks up to 64. With 128-wide heads the persistent kernel failed on the H200
-    (Triton 3.6; its loop's buffers are ~3x as large); float32 was never timed."""
+    +5 to +11 % at 1024) and keeps one program per chunk. Only the measured sizes take it:
+    16-bit inputs, heads up to 64, chunks up to 64. (With 128-wide heads the first version,
+    whose value-tile loop was unrolled, failed on the H200: its pipelined buffers are about
+    three times as large; as committed, the loop over two value tiles keeps the persistent
+    loop from being pipelined there. float32 was never timed.)"""
     return decays and dtype != torch.float32 and dk <= 64 and dv <= 64 and chunk <= 64
 
 
