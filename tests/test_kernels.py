@@ -477,6 +477,22 @@ def test_gpu_walks_in_segments(monkeypatch, dtype, variant, causal, segments):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("variant", ["d", "s"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_persistent_backward_loops(monkeypatch, dtype, variant, causal):
+    """The backward's persistent grid (what the rule picks for these inputs) with one program
+    per multiprocessor, so that every program loops over several chunks, unevenly (2 x 4
+    sequences of 47 chunks, the last one not full), against float64."""
+    from lionedu.kernels import launch
+
+    assert launch.persistent_outputs(dtype, 64, 64, 64, True)
+    rule = launch.launch_config
+    monkeypatch.setattr(launch, "launch_config", lambda *a, **kw: {**rule(*a, **kw), "output_programs_per_sm": 1})
+    assert_close(compare(2, 4, 3000, 64, 64, variant, causal, True, 64, dtype, "cuda"), dtype)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("variant", ["lit", "d", "s"])
 def test_gpu_misaligned_inputs(dtype, variant):
