@@ -259,8 +259,9 @@ def test_walks_in_segments(monkeypatch, variant, causal):
 def test_persistent_backward_in_float32(monkeypatch, variant, causal):
     """Output and every gradient with the backward's output launches on the persistent grid,
     which the launcher picks only for 16-bit inputs with decays (launch.persistent_outputs),
-    forced here for float32 and every variant: under the interpreter (one nominal multiprocessor) two programs loop over
-    all 7 chunks of 2 x 2 sequences; the last chunk is not full, D != Dv, walks in segments."""
+    forced here for float32 and every variant: under the interpreter (one nominal
+    multiprocessor) two programs loop over the 7 chunks of each of 2 x 2 sequences; the last
+    chunk is not full, D != Dv, walks in segments."""
     from lionedu.kernels import autograd, launch
 
     rule = launch.launch_config
