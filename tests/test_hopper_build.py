@@ -1,14 +1,17 @@
-"""What the output kernel's persistent grid compiles to for a Hopper GPU (sm_90), checked on the CPU.
+"""What the kernels compile to for a Hopper GPU (sm_90), checked on the CPU.
 
 Triton compiles for a GPU it is told about without one being present (its own ptxas does the
-last step), so two properties that the backward's speed depends on can be tested anywhere:
+last step), so properties that the kernels' speed depends on can be tested anywhere:
 
 - the persistent loop is *pipelined*: Triton's pipeliner turned the next chunk's loads into
   asynchronous copies to shared memory (results/NOTES.md, v8: this is what made the backward
   faster; a loop the pipeliner cannot handle, such as one with another loop inside, gets none);
 - the buffers of ``output_programs_per_sm`` such programs fit in one multiprocessor's shared
   memory (227 KiB on the H100 and H200): the first v8, whose buffers were three times as
-  large at 128-wide heads, failed on the H200 before computing anything.
+  large at 128-wide heads, failed on the H200 before computing anything;
+- float32 inputs are multiplied on tensor cores: with ``input_precision="ieee"`` Triton
+  compiles a float32 ``tl.dot`` to scalar fused multiply-adds, which made float32 18x slower
+  forward and 28x slower forward+backward on an H200 (results/NOTES.md, "Float32").
 
 The compiler runs in a subprocess, because the tests import the kernels under Triton's
 interpreter (conftest.py), which replaces the compilable kernels.
@@ -21,6 +24,7 @@ import sys
 import pytest
 import torch
 
+from lionedu.kernels import launch
 from lionedu.kernels.launch import launch_config, persistent_outputs
 
 HOPPER_SHARED_BYTES = 227 * 1024  # shared memory one block may use on an H100 / H200
@@ -58,14 +62,51 @@ print(json.dumps(result))
 """
 
 
-def compile_for_hopper(dtype: str, d: int, chunk: int, stages: int) -> dict:
-    """{launch: {"shared": bytes, "async_copies": count}} of the persistent backward launches."""
+COMPILE_FLOAT32 = r"""
+import json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lionedu.kernels.output import chunk_output_kernel
+from lionedu.kernels.states import chunk_states_kernel
+
+precision = sys.argv[1]
+shared = dict(HAS_DECAY=True, SCALAR_DECAY=False, CHUNK=64, DK=64, DV=64, PRECISION=precision)
+kernels = {  # the forward's two launches (lionedu/kernels/autograd.py), LION-S, normalised, bidirectional
+    "states": (chunk_states_kernel, ("L", "N", "seg_chunks"),
+               dict(FIRST_DIRECTION=0, WITH_Z=True, WITH_U=False, WITH_W=False, SEGMENTED=False, BLOCK_DK=64,
+                    BLOCK_DV=64)),
+    "output": (chunk_output_kernel, ("L", "N", "BH"),
+               dict(LOWER=True, UPPER=True, WITH_DEN=True, NORMALIZE=True, ROW_OFFSET=False, COL_OFFSET=False,
+                    SPLIT=False, TRANSPOSED_STATE=False, BLOCK_DV=64, PERSISTENT=False, LOOP_STAGES=1)),
+}
+result = {}
+for name, (kernel, integers, consts) in kernels.items():
+    consts = {**shared, **consts}
+    names = [p.name for p in kernel.params]
+    signature = {n: "*fp32" for n in names if n.endswith("_ptr")}
+    signature.update({n: "i32" for n in integers})
+    source = ASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in consts}},
+                       constexprs={(names.index(c),): v for c, v in consts.items()})
+    ttgir = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1)).asm["ttgir"]
+    result[name] = dict(tensor_core_dots=ttgir.count("warp_group_dot "), scalar_dots=len(re.findall(r"tt\.dot ", ttgir)))
+print(json.dumps(result))
+"""
+
+
+def _compile(script: str, *args) -> dict:
+    """Run one of the compile scripts above without the interpreter; its last line, parsed."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, "-c", COMPILE, dtype, str(d), str(chunk), str(stages)], env=env,
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def compile_for_hopper(dtype: str, d: int, chunk: int, stages: int) -> dict:
+    """{launch: {"shared": bytes, "async_copies": count}} of the persistent backward launches."""
+    return _compile(COMPILE, dtype, d, chunk, stages)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -77,3 +118,13 @@ def test_persistent_backward_is_pipelined_and_fits_on_hopper(dtype):
     for name, kernel in compile_for_hopper(dtype, 64, 64, config["output_loop_stages"]).items():
         assert kernel["async_copies"] > 0, f"{name}: the persistent loop was not pipelined"
         assert config["output_programs_per_sm"] * kernel["shared"] <= HOPPER_SHARED_BYTES, (name, kernel)
+
+
+def test_float32_dots_run_on_tensor_cores_on_hopper(monkeypatch):
+    """The precision the launcher picks for float32 inputs on a compute-capability-9 GPU
+    compiles every ``tl.dot`` of the forward's two kernels to tensor-core products (three per
+    dot: tf32x3), none to scalar multiply-adds (what ``"ieee"`` gives; mutation-checked)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    precision = launch.float32_dot_precision.__wrapped__(torch.device("cuda", 0))
+    for name, dots in _compile(COMPILE_FLOAT32, precision).items():
+        assert dots["tensor_core_dots"] > 0 and dots["scalar_dots"] == 0, (name, precision, dots)

@@ -284,6 +284,18 @@ def test_persistent_outputs_rule():
     assert not persistent_outputs(torch.bfloat16, 64, 64, 128, True)
 
 
+def test_float32_dot_precision(monkeypatch):
+    """float32 tiles are multiplied as three TF32 products where tensor cores take TF32
+    (compute capability 8 and later), in plain float32 elsewhere and under the interpreter."""
+    from lionedu.kernels.launch import float32_dot_precision
+
+    pick = float32_dot_precision.__wrapped__  # uncached: the capability is faked below
+    assert pick(torch.device("cpu")) == "ieee"
+    for capability, precision in (((7, 5), "ieee"), ((8, 0), "tf32x3"), ((9, 0), "tf32x3"), ((12, 0), "tf32x3")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert pick(torch.device("cuda", 0)) == precision, capability
+
+
 def test_walks_in_segments_wide_heads(monkeypatch):
     """Segments with heads wider than 128 (padded to 256: the wide tiles and the carries
     kernel's loop over value tiles)."""

@@ -75,7 +75,8 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     ``q, k: [B, H, L, D]``, ``v: [B, H, L, Dv]`` (float32, bfloat16 or float16; D, Dv <= 256),
     ``log_decay``: ``None``, ``[H]`` or ``[B, H, L]``, finite and ``<= 0``.
     ``chunk_size`` is one of 16, 32, 64, 128. Returns ``[B, H, L, Dv]`` in ``v``'s dtype.
-    Accumulation is float32; float32 inputs use IEEE float32 dot products (no TF32).
+    Accumulation is float32; float32 inputs keep float32 accuracy in the dot products (on
+    GPUs with TF32 tensor cores as three TF32 products each, ``launch.float32_dot_precision``).
     Gradients flow to q, k, v and log_decay (for a ``[H]`` decay, summed over batch and
     positions).
 

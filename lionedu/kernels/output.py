@@ -183,7 +183,7 @@ def chunk_output_kernel(
     TRANSPOSED_STATE: tl.constexpr,  # the states are stored transposed, [DV, DK] (see _state_share)
     CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,  # value columns per step of the tile loop
-    PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32); ignored for 16-bit
+    PRECISION: tl.constexpr,  # float32 inputs: launch.float32_dot_precision; ignored for 16-bit
     PERSISTENT: tl.constexpr,  # a grid of a few programs per SM, each looping over chunks
     LOOP_STAGES: tl.constexpr,  # with PERSISTENT: how many chunks' loads are in flight at once
 ):

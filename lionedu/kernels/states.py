@@ -51,7 +51,7 @@ def chunk_states_kernel(
     CHUNK: tl.constexpr,  # C, tokens per chunk
     DK: tl.constexpr, DV: tl.constexpr,  # head dims (powers of two: the wrapper pads them)
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,  # the tile of the state this program owns
-    PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32); ignored for 16-bit
+    PRECISION: tl.constexpr,  # float32 inputs: launch.float32_dot_precision; ignored for 16-bit
 ):
     # ---- Which piece of work is ours ----------------------------------------------------
     # Axis 0: the (batch, head) sequence; axis 1: a tile of the state, BLOCK_DK key features
