@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates everything under results/ on a CUDA machine, in one command:
 #   bash results/reproduce.sh [OUTDIR] [PART]      (default OUTDIR: results/; PART: all, or 1, 2 or 3
-#   to run steps 1-3, 4-7 or 8 alone, for machines that limit one command's time)
+#   to run steps 1-3, 4-7 or 8-9 alone, for machines that limit one command's time)
 # 1. the GPU test suite (pytest -m gpu; worst error per dtype), 2. python -m lionedu.check on the GPU,
 # (the tests run in 8 processes: pytest-xdist; compiling the kernels' variants is most of their time)
 # 3. python -m lionedu.bench (JSON + plot; the README and chapter 8 read these files), eager and
@@ -10,7 +10,8 @@
 #    (host time of the backward in autograd's worker thread and in the calling thread); 7. few, long
 #    sequences (B=1, H=8) with CUDA-graph replays, where the states kernel walks in segments;
 # 8. the eager benchmark of lionedu's kernels and SDPA with every backward in the calling thread
-#    (--single-threaded-autograd: on some hosts autograd's worker thread slows Python-launched kernels).
+#    (--single-threaded-autograd: on some hosts autograd's worker thread slows Python-launched kernels);
+# 9. float32 inputs, lionedu's kernels and SDPA, CUDA-graph replays (float32 tiles on tensor cores: v9).
 set -uo pipefail
 out=${1:-results}
 mkdir -p "$out"
@@ -40,4 +41,6 @@ fi
 if [ "$part" = all ] || [ "$part" = 3 ]; then
 python3 -m lionedu.bench --variants s --impls lionedu-triton,sdpa --single-threaded-autograd \
   --json "$out/bench-$tag-single-thread.json" --plot "$out/bench-$tag-single-thread.png" 2>&1 | tee "$out/bench-$tag-single-thread.log"
+python3 -m lionedu.bench --dtype fp32 --variants s,lit --impls lionedu-triton,sdpa --cuda-graph \
+  --json "$out/bench-$tag-fp32-graph.json" --plot "$out/bench-$tag-fp32-graph.png" 2>&1 | tee "$out/bench-$tag-fp32-graph.log"
 fi
