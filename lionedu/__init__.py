@@ -54,6 +54,6 @@ def lion_attention(q, k, v, log_decay=None, *, causal=False, normalize=True, imp
         return vectorized.recurrent(q, k, v, log_decay, **kwargs)
     if impl == "chunkwise":
         return vectorized.chunkwise(q, k, v, log_decay, chunk_size=chunk_size, **kwargs)
-    return importlib.import_module(".kernels", __name__).chunkwise(
-        q, k, v, log_decay, chunk_size=chunk_size, **kwargs
-    )
+    from . import kernels  # imported on first use: it imports triton (torch.compile traces this import)
+
+    return kernels.chunkwise(q, k, v, log_decay, chunk_size=chunk_size, **kwargs)

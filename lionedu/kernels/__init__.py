@@ -14,7 +14,8 @@ state), :mod:`.output` kernel 2, every chunk's output with all chunks in paralle
 ``torch.autograd.Function`` that makes attention and its gradients out of operators (book
 chapters 6 and 7); :mod:`.fast_launch` launches the compiled kernels without Triton's per-call
 Python after their first call (book chapter 8; ``LIONEDU_FAST_LAUNCH=0`` turns it off);
-:mod:`.primer` the small teaching kernels of chapter 5.
+:mod:`.compiled` the two passes as custom operators, which ``torch.compile`` can place in its
+graphs; :mod:`.primer` the small teaching kernels of chapter 5.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import triton
 
 from ..validation import check_chunk_size, check_inputs, check_log_decay_values
 from .autograd import ChunkwiseAttention
+from .compiled import chunkwise_op
 from .output import chunk_output_kernel
 
 __all__ = ["chunkwise", "interpreted", "MAX_HEAD_DIM", "CHUNK_SIZES"]
@@ -88,9 +90,10 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
 
     Speed: at short lengths a step is bound by the host, not the GPU: eight Triton launches
     from Python, six of them in the backward (ten where few sequences have their walks split
-    into segments, :mod:`.carries`). Capturing the training step in a CUDA graph
-    (``torch.cuda.graphs``, ``torch.compile(mode="reduce-overhead")``) removes that cost
-    (results/NOTES.md).
+    into segments, :mod:`.carries`). Capturing the training step in a CUDA graph removes that
+    cost (results/NOTES.md): ``torch.cuda.graphs``, or ``torch.compile(mode="reduce-overhead")``,
+    under which this call becomes two custom operators (:mod:`.compiled`; the value check is a
+    host read, so compile with ``check_values=False``).
     """
     check_inputs(q, k, v, log_decay, causal=causal, normalize=normalize, check_values=False)
     check_chunk_size(chunk_size)
@@ -101,7 +104,10 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     # 32-wide value tiles in the output kernel gave wrong values; the states kernel's 64- and
     # 32-wide tiles pass every GPU test (results/NOTES.md).
     least = 16 if interpreted() else 64
-    y = ChunkwiseAttention.apply(q, k, v, log_decay, causal, normalize, chunk_size, least)
+    if torch.compiler.is_compiling():  # the same passes as opaque custom operators (.compiled)
+        y = chunkwise_op(q, k, v, log_decay, causal, normalize, chunk_size, least)
+    else:
+        y = ChunkwiseAttention.apply(q, k, v, log_decay, causal, normalize, chunk_size, least)
     # The decay values are checked once the kernels are queued, so the device works while
     # the host waits for the check; on bad values the result is discarded.
     if check_values:

@@ -35,6 +35,8 @@ the dQ and dK operators return as partner row dots:
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -42,7 +44,7 @@ from .decay_gradient import decay_gradient
 from .launch import States, chunk_outputs, chunk_states, next_power_of_2, padded_chunk_sums, persistent_outputs
 from .normaliser import normaliser_gradient
 
-__all__ = ["ChunkwiseAttention"]
+__all__ = ["ChunkwiseAttention", "Saved", "attention_forward", "attention_backward", "chunk_log_decay_sums"]
 
 
 def _flatten(t, least: int):
@@ -62,73 +64,112 @@ def _unflatten(t, B: int, H: int, d: int):
     return t if t.shape[-1] == d else t[..., :d]
 
 
+class Saved(NamedTuple):
+    """What the backward pass needs from the forward: the flattened, padded inputs
+    ``q, k [BH, L, D']``, ``v [BH, L, Dv']``, the chunk sums of the log decays ``g`` (``None``
+    for LIT), the padded output ``y [BH, L, Dv']`` (zero past ``Dv``), the normaliser
+    ``den [BH, L]`` and the forward's states ``S`` and key sums ``z`` (:class:`.launch.States`;
+    ``den`` and ``z`` are ``None`` unnormalised)."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: Optional[torch.Tensor]
+    y: torch.Tensor
+    den: Optional[torch.Tensor]
+    S: torch.Tensor
+    z: Optional[torch.Tensor]
+
+
+def chunk_log_decay_sums(log_decay, B: int, H: int, L: int, chunk_size: int):
+    """The kernels' form of the decays: ``None`` (LIT), one log decay per sequence ``[B*H]``
+    float32 (D: the kernels make the sums) or the chunk-local sums ``[B*H, N*C]`` (S)."""
+    if log_decay is None:
+        return None
+    if log_decay.dim() == 1:  # [H] -> [B*H]
+        return log_decay.float().repeat(B)
+    return padded_chunk_sums(log_decay.reshape(B * H, L), chunk_size)
+
+
+def attention_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_size: int, least: int):
+    """``(y, saved)``: the output ``[B, H, L, Dv]`` (a tensor of its own) and :class:`Saved`."""
+    B, H, L, D = q.shape
+    Dv = v.shape[-1]
+    q_, k_, v_ = (_flatten(t, least) for t in (q, k, v))  # [BH, L, D'], [BH, L, D'], [BH, L, Dv']
+    g = chunk_log_decay_sums(log_decay, B, H, L, chunk_size)
+    opts = dict(lower=True, upper=not causal, chunk_size=chunk_size)
+    states = chunk_states(k_, v_, g, with_z=normalize, **opts)
+    # The output is written straight into a [B, H, L, Dv'] tensor: an autograd.Function must not
+    # return a view of something it made (autograd forbids in-place changes to those).
+    y = torch.empty(B, H, L, v_.shape[-1], device=v.device, dtype=v.dtype)
+    _, den, _ = chunk_outputs(q_, k_, v_, g, states, with_den=normalize, normalize=normalize,
+                              out=y.view(B * H, L, -1), **opts)
+    saved = Saved(q_, k_, v_, g, y.view(B * H, L, -1), den, states.S, states.z)
+    return (y if y.shape[-1] == Dv else y[..., :Dv].clone()), saved
+
+
+def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, normalize: bool, chunk_size: int,
+                       least: int, want_decay: bool):
+    """``(dq, dk, dv, d_log_decay)`` for the output gradient ``dy [B, H, L, Dv]``; ``shape`` is
+    ``(B, H, D, Dv)``, ``decay_dtype`` the dtype of the caller's ``log_decay`` (``None`` for
+    LIT); ``d_log_decay`` (shaped like ``log_decay``) is ``None`` unless ``want_decay``."""
+    q, k, v, g, y, den, S, z = saved
+    B, H, D, Dv = shape
+    dy = _flatten(dy.to(v.dtype), least)
+    if normalize:
+        dn, dc = normaliser_gradient(dy, y.view(dy.shape), den)  # dN = dY / c, dc = -(dY . Y) / c
+    else:
+        dn, dc = dy, None
+    want_decay = want_decay and g is not None
+    # Keys before the query (forward), after it (backward): for dQ as for attention;
+    # dK and dV see the transposed mask, so in the causal case they take the keys after.
+    plain = dict(lower=True, upper=not causal, chunk_size=chunk_size)
+    flipped = dict(lower=not causal, upper=True, chunk_size=chunk_size)
+    # The output launches' grid (launch.persistent_outputs): v is [BH, L, Dv'], q and k [BH, L, D'].
+    persistent = persistent_outputs(v.dtype, k.shape[-1], v.shape[-1], chunk_size, g is not None)
+
+    # dQ = A(dN, V, K) + row offset dc: the forward's states, read transposed.
+    dq, _, r = chunk_outputs(dn, v, k, g, States(S, u=z), row_offset=dc, transposed_state=True,
+                             partner=q if want_decay else None, persistent=persistent, **plain)
+    # dK = A(V, dN, Q) + column offset dc: one new pass of states (keys dN, values Q) ...
+    states = chunk_states(dn, q, g, col_offset=dc, **flipped)
+    dk, _, c = chunk_outputs(v, dn, q, g, states, col_offset=dc, partner=k if want_decay else None,
+                             persistent=persistent, **flipped)
+    # ... which dV = A(K, Q, dN) reads transposed.
+    dv, _, _ = chunk_outputs(k, q, dn, g, States(states.S), transposed_state=True, persistent=persistent,
+                             **flipped)
+
+    d_log_decay = None
+    if want_decay:
+        # r = (r^<, r^>) from dQ; in dK's operator i and j trade places, so its
+        # "before" dot is c^> and its "after" dot c^<.
+        (r_before, r_after), (c_after, c_before) = r, c
+        if g.dim() == 1:  # LION-D, one decay per head: summed over positions, then batch
+            d_log_decay = decay_gradient(r_before, r_after, c_before, c_after, row_sums=True).view(B, H).sum(0)
+        else:
+            d_log_decay = decay_gradient(r_before, r_after, c_before, c_after).view(B, H, -1)
+        d_log_decay = d_log_decay.to(decay_dtype)
+    return _unflatten(dq, B, H, D), _unflatten(dk, B, H, D), _unflatten(dv, B, H, Dv), d_log_decay
+
+
 class ChunkwiseAttention(torch.autograd.Function):
     """``y = Scale(Q K^T ⊙ M) V`` on ``[B, H, L, .]`` tensors; see the module docstring.
 
     ``least``: head dims are padded to a power of two at least this wide (:mod:`lionedu.kernels`).
+    Under ``torch.compile`` the same two passes run as custom operators (:mod:`.compiled`).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, log_decay, causal: bool, normalize: bool, chunk_size: int, least: int):
-        B, H, L, D = q.shape
-        Dv = v.shape[-1]
-        q_, k_, v_ = (_flatten(t, least) for t in (q, k, v))  # [BH, L, D'], [BH, L, D'], [BH, L, Dv']
-        if log_decay is None:  # LIT
-            g = None
-        elif log_decay.dim() == 1:  # D: one log decay per head, [H] -> [B*H]; the kernels make the sums
-            g = log_decay.float().repeat(B)
-        else:  # S: one per token, summed within each chunk
-            g = padded_chunk_sums(log_decay.reshape(B * H, L), chunk_size)
-        opts = dict(lower=True, upper=not causal, chunk_size=chunk_size)
-        states = chunk_states(k_, v_, g, with_z=normalize, **opts)
-        # The output is written straight into a [B, H, L, Dv'] tensor: the Function must not
-        # return a view of something it made (autograd forbids in-place changes to those).
-        y = torch.empty(B, H, L, v_.shape[-1], device=v.device, dtype=v.dtype)
-        _, den, _ = chunk_outputs(q_, k_, v_, g, states, with_den=normalize, normalize=normalize,
-                                  out=y.view(B * H, L, -1), **opts)
-        ctx.save_for_backward(q_, k_, v_, g, y, den, states.S, states.z)
-        ctx.causal, ctx.normalize, ctx.chunk_size, ctx.least = causal, normalize, chunk_size, least
-        ctx.shape, ctx.decay_dim = (B, H, D, Dv), None if log_decay is None else log_decay.dim()
+        y, saved = attention_forward(q, k, v, log_decay, causal, normalize, chunk_size, least)
+        ctx.save_for_backward(*saved)
+        ctx.options = dict(causal=causal, normalize=normalize, chunk_size=chunk_size, least=least)
+        ctx.shape = (*q.shape[:2], q.shape[-1], v.shape[-1])
         ctx.decay_dtype = None if log_decay is None else log_decay.dtype
-        return y if y.shape[-1] == Dv else y[..., :Dv].clone()
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        q, k, v, g, y, den, S, z = ctx.saved_tensors
-        B, H, D, Dv = ctx.shape
-        dy = _flatten(dy.to(v.dtype), ctx.least)
-        if ctx.normalize:
-            dn, dc = normaliser_gradient(dy, y.view(dy.shape), den)  # dN = dY / c, dc = -(dY . Y) / c
-        else:
-            dn, dc = dy, None
-        want_decay = g is not None and ctx.needs_input_grad[3]
-        # Keys before the query (forward), after it (backward): for dQ as for attention;
-        # dK and dV see the transposed mask, so in the causal case they take the keys after.
-        plain = dict(lower=True, upper=not ctx.causal, chunk_size=ctx.chunk_size)
-        flipped = dict(lower=not ctx.causal, upper=True, chunk_size=ctx.chunk_size)
-        # The output launches' grid (launch.persistent_outputs): v is [BH, L, Dv'], q and k [BH, L, D'].
-        persistent = persistent_outputs(v.dtype, k.shape[-1], v.shape[-1], ctx.chunk_size, g is not None)
-
-        # dQ = A(dN, V, K) + row offset dc: the forward's states, read transposed.
-        dq, _, r = chunk_outputs(dn, v, k, g, States(S, u=z), row_offset=dc, transposed_state=True,
-                                 partner=q if want_decay else None, persistent=persistent, **plain)
-        # dK = A(V, dN, Q) + column offset dc: one new pass of states (keys dN, values Q) ...
-        states = chunk_states(dn, q, g, col_offset=dc, **flipped)
-        dk, _, c = chunk_outputs(v, dn, q, g, states, col_offset=dc, partner=k if want_decay else None,
-                                 persistent=persistent, **flipped)
-        # ... which dV = A(K, Q, dN) reads transposed.
-        dv, _, _ = chunk_outputs(k, q, dn, g, States(states.S), transposed_state=True, persistent=persistent,
-                                 **flipped)
-
-        d_log_decay = None
-        if want_decay:
-            # r = (r^<, r^>) from dQ; in dK's operator i and j trade places, so its
-            # "before" dot is c^> and its "after" dot c^<.
-            (r_before, r_after), (c_after, c_before) = r, c
-            if ctx.decay_dim == 1:  # one decay per head: summed over positions, then batch
-                d_log_decay = decay_gradient(r_before, r_after, c_before, c_after, row_sums=True).view(B, H).sum(0)
-            else:
-                d_log_decay = decay_gradient(r_before, r_after, c_before, c_after).view(B, H, -1)
-            d_log_decay = d_log_decay.to(ctx.decay_dtype)
-        return (_unflatten(dq, B, H, D), _unflatten(dk, B, H, D), _unflatten(dv, B, H, Dv), d_log_decay,
-                None, None, None, None)
+        dq, dk, dv, d_log_decay = attention_backward(
+            dy, Saved(*ctx.saved_tensors), ctx.shape, ctx.decay_dtype, want_decay=ctx.needs_input_grad[3],
+            **ctx.options)
+        return dq, dk, dv, d_log_decay, None, None, None, None

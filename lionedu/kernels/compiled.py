@@ -1,0 +1,113 @@
+"""The kernels as PyTorch custom operators, for ``torch.compile``.
+
+``torch.compile`` traces Python into a graph. It cannot trace into a Triton launcher, nor
+into the kernels' Python glue, so :func:`lionedu.kernels.chunkwise` hands it two opaque
+operators instead of :class:`.autograd.ChunkwiseAttention`:
+
+- ``lionedu::chunkwise_forward(q, k, v, log_decay, ...) -> (y, g, den, S, z)``,
+- ``lionedu::chunkwise_backward(dy, q, k, v, g, y, den, S, z, ...) -> (dq, dk, dv, d_log_decay)``,
+
+joined by ``torch.library.register_autograd``. Both run the same two passes as the
+``autograd.Function`` (:func:`.autograd.attention_forward`, :func:`.autograd.attention_backward`).
+For each one a *fake* implementation states the shapes and dtypes of its outputs, which is all
+the compiler needs to plan the graph around it; a compiled training step, including these
+launches, can then be captured in a CUDA graph (``mode="reduce-overhead"``).
+
+Custom operators may not return ``None``, nor a tensor that shares memory with an input or
+another output, so the optional outputs come back as empty tensors and the backward pass
+rebuilds the flattened, padded inputs from ``q, k, v, y`` (a view where no padding was
+needed) instead of receiving them.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from .autograd import Saved, _flatten, attention_backward, attention_forward
+from .launch import ceil_div, next_power_of_2
+
+__all__ = ["chunkwise_op"]
+
+
+def _or_empty(t, like):
+    """An optional output: ``t``, or an empty tensor (custom operators cannot return None)."""
+    return like.new_empty(0) if t is None else t
+
+
+def _or_none(t):
+    return None if t.numel() == 0 else t
+
+
+@torch.library.custom_op("lionedu::chunkwise_forward", mutates_args=())
+def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor], causal: bool,
+             normalize: bool, chunk_size: int, least: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor, torch.Tensor]:
+    y, saved = attention_forward(q, k, v, log_decay, causal, normalize, chunk_size, least)
+    return y, _or_empty(saved.g, y), _or_empty(saved.den, y), saved.S, _or_empty(saved.z, y)
+
+
+@_forward.register_fake
+def _(q, k, v, log_decay, causal, normalize, chunk_size, least):
+    B, H, L, D = q.shape
+    dk, dv = (max(least, next_power_of_2(d)) for d in (D, v.shape[-1]))
+    N, slots = ceil_div(L, chunk_size), 1 if causal else 2
+    f32 = dict(dtype=torch.float32, device=q.device)
+    if log_decay is None:
+        g = q.new_empty(0)
+    elif log_decay.dim() == 1:
+        g = q.new_empty(B * H, **f32)
+    else:
+        g = q.new_empty(B * H, N * chunk_size, **f32)
+    den = q.new_empty(B * H, L, **f32) if normalize else q.new_empty(0)
+    z = q.new_empty(slots, B * H, N, dk, **f32) if normalize else q.new_empty(0)
+    return v.new_empty(B, H, L, v.shape[-1]), g, den, k.new_empty(slots, B * H, N, dk, dv), z
+
+
+@torch.library.custom_op("lionedu::chunkwise_backward", mutates_args=())
+def _backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, y: torch.Tensor,
+              den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, decay_dtype: Optional[torch.dtype], causal: bool,
+              normalize: bool, chunk_size: int, least: int, want_decay: bool) -> List[torch.Tensor]:
+    saved = Saved(*(_flatten(t, least) for t in (q, k, v)), _or_none(g), _flatten(y, least), _or_none(den), S,
+                  _or_none(z))
+    shape = (*q.shape[:2], q.shape[-1], v.shape[-1])
+    grads = attention_backward(dy, saved, shape, decay_dtype, causal, normalize, chunk_size, least, want_decay)
+    # contiguous: where a head dim was padded the gradient is a view of a wider tensor, and an
+    # operator's outputs must have the strides its fake implementation promises
+    return [_or_empty(t, q).contiguous() for t in grads]
+
+
+@_backward.register_fake
+def _(dy, q, k, v, g, y, den, S, z, decay_dtype, causal, normalize, chunk_size, least, want_decay):
+    B, H = q.shape[:2]
+    if not want_decay or g.numel() == 0:
+        d_log_decay = q.new_empty(0)
+    elif g.dim() == 1:  # LION-D: one decay per head
+        d_log_decay = q.new_empty(H, dtype=decay_dtype)
+    else:
+        d_log_decay = q.new_empty(B, H, q.shape[2], dtype=decay_dtype)
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_log_decay]
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, log_decay, causal, normalize, chunk_size, least = inputs
+    y, g, den, S, z = output
+    ctx.save_for_backward(q, k, v, g, y, den, S, z)
+    ctx.options = dict(decay_dtype=None if log_decay is None else log_decay.dtype, causal=causal,
+                       normalize=normalize, chunk_size=chunk_size, least=least)
+
+
+def _autograd_backward(ctx, dy, *_unused):
+    q, k, v, g, y, den, S, z = ctx.saved_tensors
+    dq, dk, dv, d_log_decay = _backward(dy.contiguous(), q, k, v, g, y, den, S, z,
+                                        want_decay=ctx.needs_input_grad[3], **ctx.options)
+    return dq, dk, dv, _or_none(d_log_decay), None, None, None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def chunkwise_op(q, k, v, log_decay, causal: bool, normalize: bool, chunk_size: int, least: int) -> torch.Tensor:
+    """``y [B, H, L, Dv]``: :class:`.autograd.ChunkwiseAttention` as custom operators (checked
+    inputs, the same arguments)."""
+    return _forward(q, k, v, log_decay, causal, normalize, chunk_size, least)[0]

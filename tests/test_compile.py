@@ -1,0 +1,80 @@
+"""The kernels under ``torch.compile``: the custom operators of :mod:`lionedu.kernels.compiled`.
+
+``torch.compile`` calls them instead of the ``autograd.Function``; their fake implementations
+must give the shapes and dtypes the real ones give, their autograd registration the same
+gradients. Runs on the CPU through Triton's interpreter (``aot_eager``: the graph is traced
+with fake tensors, then run with PyTorch's eager kernels and these operators), and on a GPU
+with inductor.
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lionedu
+from lionedu.kernels import compiled
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"
+
+
+def make_inputs(B, H, L, D, Dv, variant, seed, dtype=torch.float32):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    q, k = (torch.rand(B, H, L, D, generator=gen, device=DEVICE).to(dtype) + 0.05 for _ in range(2))
+    v = (2 * torch.rand(B, H, L, Dv, generator=gen, device=DEVICE) - 1).to(dtype)
+    log_decay = {"lit": None,
+                 "d": -torch.rand(H, generator=gen, device=DEVICE) - 1e-3,
+                 "s": -torch.rand(B, H, L, generator=gen, device=DEVICE) * 2}[variant]
+    return [t.requires_grad_() if t is not None else None for t in (q, k, v, log_decay)]
+
+
+def outputs_and_gradients(fn, inputs, dy):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    y = fn(*leaves)
+    y.backward(dy)
+    return [y.detach()] + [t.grad for t in leaves if t is not None]
+
+
+@settings(max_examples=6, deadline=None)
+@given(L=st.integers(1, 70), D=st.sampled_from([5, 16, 24]), Dv=st.sampled_from([3, 16, 20]),
+       variant=st.sampled_from(["lit", "d", "s"]), causal=st.booleans(), normalize=st.booleans(),
+       chunk_size=st.sampled_from([16, 32]), seed=st.integers(0, 2**16))
+def test_compiled_matches_eager(L, D, Dv, variant, causal, normalize, chunk_size, seed):
+    """A compiled call (whole graph, no breaks) gives the eager call's output and gradients:
+    the same kernels, so bit for bit."""
+    torch._dynamo.reset()
+    inputs = make_inputs(2, 2, L, D, Dv, variant, seed)
+
+    def layer(q, k, v, log_decay):
+        return lionedu.kernels.chunkwise(q, k, v, log_decay, causal=causal, normalize=normalize,
+                                         chunk_size=chunk_size, check_values=False)
+
+    dy = torch.randn(2, 2, L, Dv, generator=torch.Generator(device=DEVICE).manual_seed(seed + 1), device=DEVICE)
+    eager = outputs_and_gradients(layer, inputs, dy)
+    got = outputs_and_gradients(torch.compile(layer, backend=BACKEND, fullgraph=True), inputs, dy)
+    for a, b in zip(got, eager):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["lit", "d", "s"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_operators_pass_opcheck(variant, causal):
+    """PyTorch's own checks of a custom operator: schema, fake implementation against the real
+    one, autograd registration, tracing (torch.library.opcheck)."""
+    q, k, v, log_decay = make_inputs(1, 2, 37, 12, 20, variant, seed=3)
+    args = (q, k, v, log_decay, causal, True, 16, 16 if DEVICE == "cpu" else 64)
+    torch.library.opcheck(torch.ops.lionedu.chunkwise_forward.default, args)
+    y, g, den, S, z = torch.ops.lionedu.chunkwise_forward(*(a.detach() if torch.is_tensor(a) else a for a in args))
+    dy = torch.randn_like(y)
+    backward_args = (dy, q.detach(), k.detach(), v.detach(), g, y, den, S, z,
+                     None if log_decay is None else log_decay.dtype, causal, True, 16, args[-1], True)
+    torch.library.opcheck(torch.ops.lionedu.chunkwise_backward.default, backward_args)
+
+
+def test_eager_calls_keep_the_autograd_function():
+    """Outside torch.compile a call stays one autograd.Function node (the cheaper host path)."""
+    q, k, v, log_decay = make_inputs(1, 1, 20, 16, 16, "s", seed=0)
+    y = lionedu.kernels.chunkwise(q, k, v, log_decay)
+    assert type(y.grad_fn).__name__ == "ChunkwiseAttentionBackward"
+    assert compiled.chunkwise_op(q, k, v, log_decay, False, True, 64, 16).grad_fn is not None
