@@ -67,7 +67,7 @@ def _unflatten(t, B: int, H: int, d: int):
 class Saved(NamedTuple):
     """What the backward pass needs from the forward: the flattened, padded inputs
     ``q, k [BH, L, D']``, ``v [BH, L, Dv']``, the chunk sums of the log decays ``g`` (``None``
-    for LIT), the padded output ``y [BH, L, Dv']`` (zero past ``Dv``), the normaliser
+    for LIT), the padded output ``y [B, H, L, Dv']`` (zero past ``Dv``), the normaliser
     ``den [BH, L]`` and the forward's states ``S`` and key sums ``z`` (:class:`.launch.States`;
     ``den`` and ``z`` are ``None`` unnormalised)."""
     q: torch.Tensor
@@ -103,7 +103,9 @@ def attention_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_s
     y = torch.empty(B, H, L, v_.shape[-1], device=v.device, dtype=v.dtype)
     _, den, _ = chunk_outputs(q_, k_, v_, g, states, with_den=normalize, normalize=normalize,
                               out=y.view(B * H, L, -1), **opts)
-    saved = Saved(q_, k_, v_, g, y.view(B * H, L, -1), den, states.S, states.z)
+    # y itself is saved, not a view of it: a view made here (no grad mode) would turn a caller's
+    # in-place change of the output into an obscure error instead of autograd's version check
+    saved = Saved(q_, k_, v_, g, y, den, states.S, states.z)
     return (y if y.shape[-1] == Dv else y[..., :Dv].clone()), saved
 
 

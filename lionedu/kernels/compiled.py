@@ -68,8 +68,8 @@ def _(q, k, v, log_decay, causal, normalize, chunk_size, least):
 def _backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, y: torch.Tensor,
               den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, decay_dtype: Optional[torch.dtype], causal: bool,
               normalize: bool, chunk_size: int, least: int, want_decay: bool) -> List[torch.Tensor]:
-    saved = Saved(*(_flatten(t, least) for t in (q, k, v)), _or_none(g), _flatten(y, least), _or_none(den), S,
-                  _or_none(z))
+    y_padded = _flatten(y, least).view(*y.shape[:3], -1)  # [B, H, L, Dv'], zero past Dv
+    saved = Saved(*(_flatten(t, least) for t in (q, k, v)), _or_none(g), y_padded, _or_none(den), S, _or_none(z))
     shape = (*q.shape[:2], q.shape[-1], v.shape[-1])
     grads = attention_backward(dy, saved, shape, decay_dtype, causal, normalize, chunk_size, least, want_decay)
     # contiguous: where a head dim was padded the gradient is a view of a wider tensor, and an
