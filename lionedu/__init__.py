@@ -28,7 +28,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'lionedu' has no attribute {name!r}")
 
 
-def lion_attention(q, k, v, log_decay=None, *, causal=False, normalize=True, impl="auto", chunk_size=64):
+def lion_attention(q, k, v, log_decay=None, *, causal=False, normalize=True, impl="auto", chunk_size=64,
+                   check_values=True):
     """Masked linear attention, bidirectional (LION) unless ``causal``.
 
     ``q, k: [B, H, L, D]``, ``v: [B, H, L, Dv]``, ``log_decay``: ``None`` (LION-LIT), ``[H]``
@@ -39,6 +40,12 @@ def lion_attention(q, k, v, log_decay=None, *, causal=False, normalize=True, imp
     ``impl``: ``"naive"`` (loops over the definition, tiny inputs only), ``"attention"``,
     ``"recurrent"``, ``"chunkwise"`` (vectorized PyTorch), ``"triton"`` (fused kernels) or
     ``"auto"`` (Triton for CUDA tensors, else vectorized chunkwise).
+
+    ``check_values=False`` lets the Triton path skip reading ``log_decay``'s values to reject
+    NaN, inf or positive entries: that read waits for the GPU on every call, and under
+    ``torch.compile`` it breaks the graph. Pass it where the decays are valid by construction
+    (as :class:`lionedu.nn.LionAttention` does). The other implementations, reference code,
+    always check.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
@@ -56,4 +63,4 @@ def lion_attention(q, k, v, log_decay=None, *, causal=False, normalize=True, imp
         return vectorized.chunkwise(q, k, v, log_decay, chunk_size=chunk_size, **kwargs)
     from . import kernels  # imported on first use: it imports triton (torch.compile traces this import)
 
-    return kernels.chunkwise(q, k, v, log_decay, chunk_size=chunk_size, **kwargs)
+    return kernels.chunkwise(q, k, v, log_decay, chunk_size=chunk_size, check_values=check_values, **kwargs)

@@ -59,10 +59,14 @@ def test_compiled_matches_eager(L, D, Dv, variant, causal, normalize, chunk_size
 
 @pytest.mark.parametrize("variant", ["lit", "d", "s"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_operators_pass_opcheck(variant, causal):
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_operators_pass_opcheck(variant, causal, layout):
     """PyTorch's own checks of a custom operator: schema, fake implementation against the real
-    one, autograd registration, tracing (torch.library.opcheck)."""
+    one (shapes, dtypes and strides, also for inputs that are transposed views, as a layer's
+    projections give), autograd registration, tracing (torch.library.opcheck)."""
     q, k, v, log_decay = make_inputs(1, 2, 37, 12, 20, variant, seed=3)
+    if layout == "transposed":  # [B, H, L, D] views of [B, L, H, D] memory
+        q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
     args = (q, k, v, log_decay, causal, True, 16, 16 if DEVICE == "cpu" else 64)
     torch.library.opcheck(torch.ops.lionedu.chunkwise_forward.default, args)
     y, g, den, S, z = torch.ops.lionedu.chunkwise_forward(*(a.detach() if torch.is_tensor(a) else a for a in args))
@@ -78,3 +82,34 @@ def test_eager_calls_keep_the_autograd_function():
     y = lionedu.kernels.chunkwise(q, k, v, log_decay)
     assert type(y.grad_fn).__name__ == "ChunkwiseAttentionBackward"
     assert compiled.chunkwise_op(q, k, v, log_decay, False, True, 64, 16).grad_fn is not None
+
+
+def test_lion_attention_check_values_switch():
+    """lion_attention checks the decays' values on the Triton path unless told not to."""
+    q, k, v, _ = make_inputs(1, 2, 20, 16, 16, "lit", seed=1)
+    positive = torch.full((2,), 0.5, device=DEVICE)
+    with pytest.raises(ValueError, match="log_decay"):
+        lionedu.lion_attention(q, k, v, positive, impl="triton", chunk_size=16)
+    lionedu.lion_attention(q, k, v, positive, impl="triton", chunk_size=16, check_values=False)  # not read
+
+
+def test_lion_layer_compiles_into_one_graph():
+    """LionAttention (Triton path, decays valid by construction, so no host read) compiles with
+    fullgraph=True and gives the eager layer's output and parameter gradients."""
+    from lionedu.nn import LionAttention
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = LionAttention(32, 2, variant="s", impl="triton", chunk_size=16).to(DEVICE)
+    x = torch.randn(2, 37, 32, device=DEVICE)
+
+    def run(module):
+        layer.zero_grad()
+        y = module(x)
+        y.square().sum().backward()
+        return [y.detach()] + [p.grad.clone() for p in layer.parameters()]
+
+    eager = run(layer)
+    compiled = run(torch.compile(layer, backend=BACKEND, fullgraph=True))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

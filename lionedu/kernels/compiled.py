@@ -86,7 +86,8 @@ def _(dy, q, k, v, g, y, den, S, z, decay_dtype, causal, normalize, chunk_size, 
         d_log_decay = q.new_empty(H, dtype=decay_dtype)
     else:
         d_log_decay = q.new_empty(B, H, q.shape[2], dtype=decay_dtype)
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_log_decay]
+    # contiguous whatever the inputs' strides (as the real operator returns them)
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_log_decay]
 
 
 def _setup_context(ctx, inputs, output):
