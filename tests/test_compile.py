@@ -111,5 +111,9 @@ def test_lion_layer_compiles_into_one_graph():
 
     eager = run(layer)
     compiled = run(torch.compile(layer, backend=BACKEND, fullgraph=True))
+    # aot_eager runs the layer's own operations with PyTorch's eager kernels (a split graph can
+    # round a sum differently: float32 ulps); inductor fuses them into kernels of its own,
+    # whose float32 reductions may be ordered differently again
+    tol = dict(rtol=1e-6, atol=1e-6) if BACKEND == "aot_eager" else dict(rtol=1e-4, atol=1e-5)
     for a, b in zip(compiled, eager):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a, b, **tol)
