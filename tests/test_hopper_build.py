@@ -29,19 +29,29 @@ from lionedu.kernels.launch import launch_config, persistent_outputs
 
 HOPPER_SHARED_BYTES = 227 * 1024  # shared memory one block may use on an H100 / H200
 
-COMPILE = r"""
-import json, sys
+# Shared by the two scripts below: compile one kernel for sm_90 with the given compile-time
+# switches, integer arguments and pointer types (float32 where not named).
+PRELUDE = r"""
+import json, re, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lionedu.kernels.output import chunk_output_kernel
+from lionedu.kernels.states import chunk_states_kernel
 
+def compile_for_sm90(kernel, consts, integers, pointers=None):
+    names = [p.name for p in kernel.params]
+    signature = {n: (pointers or {}).get(n, "*fp32") for n in names if n.endswith("_ptr")}
+    signature.update({n: "i32" for n in integers})
+    source = ASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in consts}},
+                       constexprs={(names.index(c),): v for c, v in consts.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
+"""
+
+COMPILE = PRELUDE + r"""
 dtype, d, chunk, stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-names = [p.name for p in chunk_output_kernel.params]
 pointer = {"bfloat16": "*bf16", "float16": "*fp16"}[dtype]
-signature = {n: pointer if n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "partner_ptr") else "*fp32"
-             for n in names if n.endswith("_ptr")}
-signature.update(L="i32", N="i32", BH="i32")
+pointers = {n: pointer for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "partner_ptr")}
 launches = {  # the backward's three output launches (lionedu/kernels/autograd.py), LION-S, bidirectional
     "dQ": dict(ROW_OFFSET=True, SPLIT=True, TRANSPOSED_STATE=True),
     "dK": dict(COL_OFFSET=True, SPLIT=True),
@@ -53,23 +63,13 @@ for name, flags in launches.items():
                   ROW_OFFSET=False, COL_OFFSET=False, SPLIT=False, TRANSPOSED_STATE=False, CHUNK=chunk, DK=d, DV=d,
                   BLOCK_DV=min(d, 64), PRECISION="tf32", PERSISTENT=True, LOOP_STAGES=stages)
     consts.update(flags)
-    source = ASTSource(fn=chunk_output_kernel, signature={**signature, **{c: "constexpr" for c in consts}},
-                       constexprs={(names.index(c),): v for c, v in consts.items()})
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
+    kernel = compile_for_sm90(chunk_output_kernel, consts, ("L", "N", "BH"), pointers)
     result[name] = dict(shared=kernel.metadata.shared,
                         async_copies=kernel.asm["ttgir"].count("async_copy_global_to_local"))
 print(json.dumps(result))
 """
 
-
-COMPILE_FLOAT32 = r"""
-import json, re, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from lionedu.kernels.output import chunk_output_kernel
-from lionedu.kernels.states import chunk_states_kernel
-
+COMPILE_FLOAT32 = PRELUDE + r"""
 precision = sys.argv[1]
 shared = dict(HAS_DECAY=True, SCALAR_DECAY=False, CHUNK=64, DK=64, DV=64, PRECISION=precision)
 kernels = {  # the forward's two launches (lionedu/kernels/autograd.py), LION-S, normalised, bidirectional
@@ -82,13 +82,7 @@ kernels = {  # the forward's two launches (lionedu/kernels/autograd.py), LION-S,
 }
 result = {}
 for name, (kernel, integers, consts) in kernels.items():
-    consts = {**shared, **consts}
-    names = [p.name for p in kernel.params]
-    signature = {n: "*fp32" for n in names if n.endswith("_ptr")}
-    signature.update({n: "i32" for n in integers})
-    source = ASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in consts}},
-                       constexprs={(names.index(c),): v for c, v in consts.items()})
-    ttgir = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1)).asm["ttgir"]
+    ttgir = compile_for_sm90(kernel, {**shared, **consts}, integers).asm["ttgir"]
     result[name] = dict(tensor_core_dots=ttgir.count("warp_group_dot "), scalar_dots=len(re.findall(r"tt\.dot ", ttgir)))
 print(json.dumps(result))
 """

@@ -47,12 +47,16 @@ from .normaliser import normaliser_gradient
 __all__ = ["ChunkwiseAttention", "Saved", "attention_forward", "attention_backward", "chunk_log_decay_sums"]
 
 
+def padded_width(d: int, least: int) -> int:
+    """The width a head dim ``d`` is zero-padded to: the next power of two, at least ``least``."""
+    return max(least, next_power_of_2(d))
+
+
 def _flatten(t, least: int):
-    """``[B, H, L, d] -> [B*H, L, p]``, contiguous, ``d`` zero-padded to ``p``: the next power
-    of two, at least ``least`` (zero features leave ``q . k`` unchanged, zero value columns
-    give zero outputs)."""
+    """``[B, H, L, d] -> [B*H, L, p]``, contiguous, ``d`` zero-padded to ``p = padded_width(d,
+    least)`` (zero features leave ``q . k`` unchanged, zero value columns give zero outputs)."""
     B, H, L, d = t.shape
-    p = max(least, next_power_of_2(d))
+    p = padded_width(d, least)
     if p != d:
         t = F.pad(t, (0, p - d))
     return t.reshape(B * H, L, p).contiguous()

@@ -24,8 +24,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from .autograd import Saved, _flatten, attention_backward, attention_forward
-from .launch import ceil_div, next_power_of_2
+from .autograd import Saved, _flatten, attention_backward, attention_forward, padded_width
+from .launch import ceil_div
 
 __all__ = ["chunkwise_op"]
 
@@ -50,7 +50,7 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optio
 @_forward.register_fake
 def _(q, k, v, log_decay, causal, normalize, chunk_size, least):
     B, H, L, D = q.shape
-    dk, dv = (max(least, next_power_of_2(d)) for d in (D, v.shape[-1]))
+    dk, dv = padded_width(D, least), padded_width(v.shape[-1], least)
     N, slots = ceil_div(L, chunk_size), 1 if causal else 2
     f32 = dict(dtype=torch.float32, device=q.device)
     if log_decay is None:
