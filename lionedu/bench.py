@@ -9,7 +9,8 @@ bandwidth.
 
 Implementations: ``lionedu-triton`` (lionedu.kernels.chunkwise), ``vectorized-chunkwise``,
 ``attention-form`` (the materialised L x L mask, as the LION paper's code trains), ``sdpa``
-(PyTorch's fused softmax attention, flash backend) and ``fla`` (flash-linear-attention's causal
+(PyTorch's fused softmax attention: the flash backend, or for float32, which flash does not
+take, the memory-efficient backend) and ``fla`` (flash-linear-attention's causal
 chunk kernel, twice plus a flip, for a bidirectional layer) when it can be imported.
 
 Writes a table to the terminal, JSON with ``--json`` and a plot with ``--plot``.
@@ -96,7 +97,9 @@ def implementation(name):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         def sdpa(q, k, v, ld, causal):
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            # Flash attention takes only 16-bit inputs; float32 goes to the memory-efficient kernel.
+            backend = SDPBackend.EFFICIENT_ATTENTION if q.dtype == torch.float32 else SDPBackend.FLASH_ATTENTION
+            with sdpa_kernel(backend):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         return sdpa

@@ -2,7 +2,8 @@
 # Regenerates everything under results/ on a CUDA machine, in one command:
 #   bash results/reproduce.sh [OUTDIR] [PART]      (default OUTDIR: results/; PART: all, or 1, 2 or 3
 #   to run steps 1-3, 4-7 or 8-9 alone, for machines that limit one command's time)
-# 1. the GPU test suite (pytest -m gpu; worst error per dtype), 2. python -m lionedu.check on the GPU,
+# 1. the GPU test suite (pytest -m gpu; worst error per dtype), then tests/test_compile.py (torch.compile
+#    with inductor on the GPU; not gpu-marked, since it also runs on the CPU), 2. python -m lionedu.check on the GPU,
 # (the tests run in 8 processes: pytest-xdist; compiling the kernels' variants is most of their time)
 # 3. python -m lionedu.bench (JSON + plot; the README and chapter 8 read these files), eager and
 #    with --cuda-graph; 4. results/host_overhead.py (host time against GPU time of one step);
@@ -23,6 +24,7 @@ part=${2:-all}
 if [ "$part" = all ] || [ "$part" = 1 ]; then
 LIONEDU_ERROR_LOG="$out/gpu-errors-$tag.jsonl" python3 -m pytest -q -m gpu tests -p no:cacheprovider -n 8 2>&1 | tee "$out/gpu-tests-$tag.log"
 python3 results/summarise_errors.py "$out/gpu-errors-$tag.jsonl" | tee "$out/gpu-errors-$tag.txt"
+python3 -m pytest -q tests/test_compile.py -p no:cacheprovider 2>&1 | tee "$out/compile-tests-$tag.log"
 python3 -m lionedu.check --device cuda 2>&1 | tee "$out/check-gpu-$tag.log"
 python3 -m lionedu.bench --variants s,d,lit --causal both --impls lionedu-triton,vectorized-chunkwise,attention-form,sdpa,fla \
   --json "$out/bench-$tag.json" --plot "$out/bench-$tag.png" 2>&1 | tee "$out/bench-$tag.log"

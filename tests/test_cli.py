@@ -88,6 +88,14 @@ def test_bench_times_cuda_graph_replays(impl):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_bench_sdpa_runs_every_dtype(dtype):
+    """SDPA's flash backend refuses float32: the benchmark must still time it (memory-efficient kernel)."""
+    times = bench.measure(bench.implementation("sdpa"), "s", False, 2, 4, 256, 64, 64, dtype, 2, 5)
+    assert all(x > 0 for x in times)
+
+
+@pytest.mark.gpu
 def test_bench_single_threaded_autograd_times_the_calling_thread(monkeypatch):
     """--single-threaded-autograd: the eager backward runs in the thread that calls it."""
     import threading
