@@ -78,7 +78,7 @@ def test_bench_without_gpu_says_so():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["lionedu-triton", "sdpa"])
+@pytest.mark.parametrize("impl", ["lionedu-triton", "sdpa", "sdpa-cudnn"])
 def test_bench_times_cuda_graph_replays(impl):
     """--cuda-graph captures forward and forward+backward (no host sync may hide in them)."""
     eager = bench.measure(bench.implementation(impl), "s", False, 2, 4, 512, 64, 64, torch.bfloat16, 5, 20)
