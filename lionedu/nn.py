@@ -152,7 +152,14 @@ class LionAttention(_MultiHeadMixer):
         form = self.impl if form is None else form
         if form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}; got {form!r}")
-        q, k = self.feature_map(q), self.feature_map(k)
+        phi = self.feature_map
+        if form == "triton" or (form == "auto" and q.is_cuda):
+            # The kernels' path: phi in one fused pass each way, which also writes the heads
+            # contiguous, as the kernels read them (lionedu.kernels.feature_maps)
+            from .kernels.feature_maps import fused_feature_map
+
+            phi = fused_feature_map(phi) or phi
+        q, k = phi(q), phi(k)
         log_decay = self.log_decay(x)
         if key_mask is not None:
             # A padding token with a zero key adds nothing to any sum, and a decay of 1 (log 0)

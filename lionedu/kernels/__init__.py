@@ -15,7 +15,8 @@ state), :mod:`.output` kernel 2, every chunk's output with all chunks in paralle
 chapters 6 and 7); :mod:`.fast_launch` launches the compiled kernels without Triton's per-call
 Python after their first call (book chapter 8; ``LIONEDU_FAST_LAUNCH=0`` turns it off);
 :mod:`.compiled` the two passes as custom operators, which ``torch.compile`` can place in its
-graphs; :mod:`.primer` the small teaching kernels of chapter 5.
+graphs; :mod:`.feature_maps` :class:`lionedu.nn.LionAttention`'s feature maps fused into one pass
+each way; :mod:`.primer` the small teaching kernels of chapter 5.
 """
 from __future__ import annotations
 
@@ -48,27 +49,33 @@ def _is_interpreted() -> bool:
 _INTERPRETED = _is_interpreted()
 
 
+def check_kernel_tensor(t, name: str) -> None:
+    """Raise unless the Triton kernels can read tensor ``t`` (called ``name`` in the message):
+    float32, bfloat16 or float16 on a CUDA device, or float32 on the CPU under the interpreter."""
+    if t.dtype not in _DTYPES:
+        raise TypeError(
+            f"{name} must be float32, bfloat16 or float16 for the Triton kernels, got {t.dtype} "
+            "(use lionedu.vectorized for float64)"
+        )
+    if interpreted():
+        if t.device.type != "cpu":
+            raise ValueError(f"Triton runs in interpreter mode, which needs CPU tensors; {name} is on {t.device}")
+        if t.dtype != torch.float32:
+            raise TypeError(f"Triton's interpreter computes in float32 only; {name} has dtype {t.dtype}")
+    elif t.device.type != "cuda":
+        raise ValueError(
+            f"the Triton kernels need CUDA tensors, {name} is on {t.device}; to run them on a CPU set "
+            "TRITON_INTERPRET=1 before anything imports triton"
+        )
+
+
 def _check_kernel_inputs(q, v, chunk_size) -> None:
     if chunk_size not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {CHUNK_SIZES} for the Triton kernels, got {chunk_size}")
-    if q.dtype not in _DTYPES:
-        raise TypeError(
-            f"q, k, v must be float32, bfloat16 or float16 for the Triton kernels, got {q.dtype} "
-            "(use lionedu.vectorized for float64)"
-        )
     D, Dv = q.shape[-1], v.shape[-1]
     if D > MAX_HEAD_DIM or Dv > MAX_HEAD_DIM:
         raise ValueError(f"head dims D and Dv must be at most {MAX_HEAD_DIM} for the Triton kernels, got D={D}, Dv={Dv}")
-    if interpreted():
-        if q.device.type != "cpu":
-            raise ValueError(f"Triton runs in interpreter mode, which needs CPU tensors; q is on {q.device}")
-        if q.dtype != torch.float32:
-            raise TypeError(f"Triton's interpreter computes in float32 only; q has dtype {q.dtype}")
-    elif q.device.type != "cuda":
-        raise ValueError(
-            f"the Triton kernels need CUDA tensors, q is on {q.device}; to run them on a CPU set "
-            "TRITON_INTERPRET=1 before anything imports triton"
-        )
+    check_kernel_tensor(q, "q")  # k and v share its dtype and device (check_inputs)
 
 
 def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_size=64, check_values=True):

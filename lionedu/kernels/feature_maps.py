@@ -1,0 +1,162 @@
+"""The feature maps of :class:`lionedu.nn.LionAttention`, fused: one pass forward, one backward.
+
+The layer computes ``q = phi(x W_q)`` and ``k = phi(x W_k)`` per head. Written in PyTorch
+(:mod:`lionedu.features`), ``phi`` is a chain of element-wise operations: the normalised
+shifted SiLU ``(silu(x) + 1/2) / ||silu(x) + 1/2||`` is five of them forward and about a
+dozen backward, each a full pass over a ``[B, L, H, D]`` tensor in memory, and the attention
+kernels then copy the heads, which the layer splits with a transpose, into contiguous
+``[B, H, L, D]`` tensors. In an encoder block on the H200 that glue cost more GPU time than
+the attention kernels themselves (results/NOTES.md, "LION in a model").
+
+Here one program reads ``ROWS`` rows of ``x`` (one row = one head of one token, ``D``
+features) wherever they lie (any strides, last one 1), computes ``phi`` in float32 and
+writes the rows contiguous ``[B, H, L, D]``: the layout the attention kernels read, so the
+copy disappears too. The backward pass reads ``x`` and the incoming gradient once and
+writes the gradient in ``x``'s layout. With
+
+    y = silu(x) + 1/2,   n = ||y||,   o = y / n,   silu'(x) = s (1 + x (1 - s)), s = sigmoid(x)
+
+the gradient of ``o`` is ``dy = (g - o (o . g)) / n`` and ``dx = silu'(x) dy``. (The PyTorch
+definition clamps ``n`` at ``eps``; the clamp never binds, since ``silu >= -0.279`` makes every
+``y >= 0.22``, so it is left out here.) For ``elu(x) + 1`` the gradient is ``g`` where
+``x > 0`` and ``g exp(x)`` elsewhere.
+
+Under ``torch.compile`` the PyTorch definitions are used instead: the compiler fuses them
+itself.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import features
+from .fast_launch import Launcher
+from .launch import ceil_div, next_power_of_2
+
+__all__ = ["fused_feature_map", "feature_map"]
+
+ROWS = 32  # rows (token-heads) per program
+ELU_PLUS_ONE, NORMALIZED_SHIFTED_SILU = 0, 1
+_KINDS = {features.elu_plus_one: ELU_PLUS_ONE, features.normalized_shifted_silu: NORMALIZED_SHIFTED_SILU}
+
+
+@triton.jit
+def _rows(H, L, D, R, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows ``r = (b H + h) L + l`` of the ``[B, H, L, D]`` output, split into
+    ``(b, h, l)``, the feature indices and the masks of both."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok, col_ok = rows < R, cols < D
+    l = rows % L
+    h = (rows // L) % H
+    b = rows // (L * H)
+    return rows, cols, b, h, l, row_ok[:, None] & col_ok[None, :]
+
+
+@triton.jit
+def _shifted_silu(x, ok):
+    """``y = silu(x) + 1/2`` (0 outside the mask, so it adds nothing to the norm) and ``sigmoid(x)``."""
+    s = tl.sigmoid(x)
+    return tl.where(ok, x * s + 0.5, 0.0), s
+
+
+@triton.jit
+def feature_map_kernel(
+    x_ptr,  # x [B, H, L, D], strides (sxb, sxh, sxl, 1)
+    out_ptr,  # out: phi(x) [B, H, L, D], contiguous, in x's dtype
+    sxb, sxh, sxl, H, L, D, R,  # R = B * H * L rows
+    KIND: tl.constexpr,  # ELU_PLUS_ONE or NORMALIZED_SHIFTED_SILU
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_D: D rounded up to a power of two
+):
+    rows, cols, b, h, l, ok = _rows(H, L, D, R, ROWS, BLOCK_D)
+    x = tl.load(x_ptr + (b * sxb + h * sxh + l * sxl)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if KIND == 0:  # elu(x) + 1: x + 1 above zero, exp(x) below
+        out = tl.where(x > 0, x + 1.0, tl.exp(x))
+    else:  # (silu(x) + 1/2) / ||silu(x) + 1/2||, the norm over the row's D features
+        y, _ = _shifted_silu(x, ok)
+        out = y / tl.sqrt(tl.sum(y * y, axis=1))[:, None]
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def feature_map_backward_kernel(
+    x_ptr, grad_ptr, dx_ptr,  # x, the gradient of phi(x), out: the gradient of x; all [B, H, L, D]
+    sxb, sxh, sxl, sgb, sgh, sgl, sdb, sdh, sdl,  # their strides (the last one is 1 for all three)
+    H, L, D, R,
+    KIND: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows, cols, b, h, l, ok = _rows(H, L, D, R, ROWS, BLOCK_D)
+    x = tl.load(x_ptr + (b * sxb + h * sxh + l * sxl)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + (b * sgb + h * sgh + l * sgl)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    if KIND == 0:
+        dx = tl.where(x > 0, g, g * tl.exp(x))
+    else:
+        y, s = _shifted_silu(x, ok)
+        n = tl.sqrt(tl.sum(y * y, axis=1))
+        o = y / n[:, None]
+        dy = (g - o * tl.sum(o * g, axis=1)[:, None]) / n[:, None]  # g less its part along o, over n
+        dx = dy * s * (1.0 + x * (1.0 - s))  # times silu'(x)
+    tl.store(dx_ptr + (b * sdb + h * sdh + l * sdl)[:, None] + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=ok)
+
+
+_launch_forward = Launcher(feature_map_kernel)
+_launch_backward = Launcher(feature_map_backward_kernel)
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _FeatureMap(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kind: int):
+        x = _unit_stride(x)
+        B, H, L, D = x.shape
+        out = torch.empty(B, H, L, D, device=x.device, dtype=x.dtype)
+        R = B * H * L
+        _launch_forward((ceil_div(R, ROWS),), x, out, *x.stride()[:3], H, L, D, R, KIND=kind, ROWS=ROWS,
+                        BLOCK_D=next_power_of_2(D), num_warps=4)
+        ctx.save_for_backward(x)
+        ctx.kind = kind
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, = ctx.saved_tensors
+        grad = _unit_stride(grad)
+        dx = torch.empty_like(x)  # x's layout: the projection's [B, L, H, D] order, no copy after
+        B, H, L, D = x.shape
+        R = B * H * L
+        _launch_backward((ceil_div(R, ROWS),), x, grad, dx, *x.stride()[:3], *grad.stride()[:3], *dx.stride()[:3],
+                         H, L, D, R, KIND=ctx.kind, ROWS=ROWS, BLOCK_D=next_power_of_2(D), num_warps=4)
+        return dx, None
+
+
+def fused_feature_map(phi):
+    """The fused version of ``phi`` (:func:`lionedu.features.elu_plus_one` or
+    :func:`~lionedu.features.normalized_shifted_silu`) as a function of ``x [B, H, L, D]``, or
+    ``None`` for any other function."""
+    kind = _KINDS.get(phi)
+    if kind is None:
+        return None
+    return lambda x: feature_map(x, kind)
+
+
+def feature_map(x: torch.Tensor, kind: int) -> torch.Tensor:
+    """``phi(x)`` for ``x [B, H, L, D]`` (any strides; float32, bfloat16 or float16, where the
+    Triton kernels run: :func:`lionedu.kernels.chunkwise`), ``kind`` :data:`ELU_PLUS_ONE` or
+    :data:`NORMALIZED_SHIFTED_SILU`. Returns a contiguous ``[B, H, L, D]`` tensor in ``x``'s
+    dtype; differentiable. The same values as :mod:`lionedu.features` up to rounding (the
+    fused map computes in float32 and rounds once)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a tensor of shape [B, H, L, D], got {getattr(x, 'shape', type(x).__name__)}")
+    if kind not in (ELU_PLUS_ONE, NORMALIZED_SHIFTED_SILU):
+        raise ValueError(f"kind must be ELU_PLUS_ONE (0) or NORMALIZED_SHIFTED_SILU (1), got {kind!r}")
+    from . import check_kernel_tensor
+
+    check_kernel_tensor(x, "x")
+    if torch.compiler.is_compiling() or x.numel() == 0:  # the compiler fuses the PyTorch definition itself
+        return (features.elu_plus_one if kind == ELU_PLUS_ONE else features.normalized_shifted_silu)(x)
+    return _FeatureMap.apply(x, kind)
