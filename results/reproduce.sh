@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates everything under results/ on a CUDA machine, in one command:
 #   bash results/reproduce.sh [OUTDIR] [PART]      (default OUTDIR: results/; PART: all, or 1, 2 or 3
-#   to run steps 1-3, 4-7 or 8-10 alone, for machines that limit one command's time)
+#   to run steps 1-3, 4-7 or 8-11 alone, for machines that limit one command's time)
 # 1. the GPU test suite (pytest -m gpu; worst error per dtype), then tests/test_compile.py (torch.compile
 #    with inductor on the GPU; not gpu-marked, since it also runs on the CPU), 2. python -m lionedu.check on the GPU,
 # (the tests run in 8 processes: pytest-xdist; compiling the kernels' variants is most of their time)
@@ -14,7 +14,8 @@
 #    (--single-threaded-autograd: on some hosts autograd's worker thread slows Python-launched kernels);
 # 9. float32 inputs, lionedu's kernels and SDPA, CUDA-graph replays (float32 tiles on tensor cores: v9);
 # 10. LION-S against SDPA on both its 16-bit backends, flash (the issue's reference) and cuDNN (PyTorch's own
-#     choice on Hopper, faster), CUDA-graph replays.
+#     choice on Hopper, faster), CUDA-graph replays; 11. results/model_step.py: an encoder's training step
+#     with LION-S (fused feature maps, and PyTorch's) against softmax attention.
 set -uo pipefail
 out=${1:-results}
 mkdir -p "$out"
@@ -49,4 +50,5 @@ python3 -m lionedu.bench --dtype fp32 --variants s,lit --impls lionedu-triton,sd
   --json "$out/bench-$tag-fp32-graph.json" --plot "$out/bench-$tag-fp32-graph.png" 2>&1 | tee "$out/bench-$tag-fp32-graph.log"
 python3 -m lionedu.bench --variants s --causal both --impls lionedu-triton,sdpa,sdpa-cudnn --cuda-graph \
   --json "$out/bench-$tag-cudnn-graph.json" --plot "$out/bench-$tag-cudnn-graph.png" 2>&1 | tee "$out/bench-$tag-cudnn-graph.log"
+python3 results/model_step.py 2>&1 | tee "$out/model-step-$tag.log"
 fi
