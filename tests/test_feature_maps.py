@@ -62,7 +62,8 @@ def test_fused_feature_map_matches_the_definition(B, H, L, D, layout, kind, seed
 def test_gradient_keeps_the_inputs_layout():
     """The gradient of a transposed view comes back in the same memory order: the projection
     that made the view receives it without a copy."""
-    x = _input(2, 3, 5, 8, "heads split by a transpose", 0).requires_grad_()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = _input(2, 3, 5, 8, "heads split by a transpose", 0, device=device).requires_grad_()
     feature_map(x, NORMALIZED_SHIFTED_SILU).sum().backward()
     assert x.grad.stride() == x.stride()
 

@@ -70,7 +70,8 @@ def _triton_layer_and_input(variant):
     if reason is not None:
         pytest.skip(reason)
     torch.manual_seed(0)
-    return LionAttention(32, 2, variant, chunk_size=16), torch.randn(1, 40, 32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # else the interpreter (conftest.py)
+    return LionAttention(32, 2, variant, chunk_size=16).to(device), torch.randn(1, 40, 32, device=device)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -79,6 +80,7 @@ def test_triton_form(variant):
     y = layer(x, form="triton")
     assert (y - layer(x, form="attention")).abs().max() < 1e-3
     ordered = LionAttention(32, 2, variant, chunk_size=16, orders=torch.stack([torch.arange(40), torch.arange(40).flip(0)]))
+    ordered = ordered.to(x.device)
     assert (ordered(x, form="triton") - ordered(x, form="attention")).abs().max() < 1e-3
 
 
