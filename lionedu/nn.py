@@ -97,6 +97,10 @@ class LionAttention(_MultiHeadMixer):
     ``impl`` is the default representation (``"auto"``, ``"attention"``, ``"recurrent"``,
     ``"chunkwise"``, ``"triton"``, ``"naive"``); ``forward(x, form=...)`` overrides it per call.
     All forms compute the same function. ``causal=True`` restricts token ``i`` to ``j <= i``.
+    On the Triton path (``"triton"``, or ``"auto"`` on a GPU) ``phi`` runs as a fused kernel,
+    one pass forward and one backward that also lays the heads out for the attention kernels
+    (:mod:`lionedu.kernels.feature_maps`; the same values up to rounding). A ``feature_map``
+    attribute replaced by another function runs as given.
 
     ``orders`` (optional, ``[P, L]`` integer tensor, each row a permutation of ``0..L-1``)
     builds the decay mask once per token order and averages the ``P`` masks (LION-D♮ / S♮ for
