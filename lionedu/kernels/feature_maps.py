@@ -12,14 +12,15 @@ Here one program reads ``ROWS`` rows of ``x`` (one row = one head of one token, 
 features) wherever they lie (any strides, last one 1), computes ``phi`` in float32 and
 writes the rows contiguous ``[B, H, L, D]``: the layout the attention kernels read, so the
 copy disappears too. The backward pass reads ``x`` and the incoming gradient once and
-writes the gradient in ``x``'s layout. With
+writes the gradient in ``x``'s layout. In the book's notation (chapter 8, section 7), with
+``dphi`` the incoming gradient,
 
-    y = silu(x) + 1/2,   n = ||y||,   o = y / n,   silu'(x) = s (1 + x (1 - s)), s = sigmoid(x)
+    psi = silu(x) + 1/2,   phi = psi / ||psi||,   silu'(x) = sigma(x) (1 + x (1 - sigma(x)))
+    dpsi = (dphi - phi (phi . dphi)) / ||psi||,   dx = silu'(x) dpsi
 
-the gradient of ``o`` is ``dy = (g - o (o . g)) / n`` and ``dx = silu'(x) dy``. (The PyTorch
-definition clamps ``n`` at ``eps``; the clamp never binds, since ``silu >= -0.279`` makes every
-``y >= 0.22``, so it is left out here.) For ``elu(x) + 1`` the gradient is ``g`` where
-``x > 0`` and ``g exp(x)`` elsewhere.
+(the PyTorch definition clamps the norm at ``eps``; the clamp never binds, since
+``silu >= -0.279`` makes every ``psi >= 0.22``, so it is left out here). For ``elu(x) + 1``,
+``dx = dphi`` where ``x > 0`` and ``dphi exp(x)`` elsewhere.
 
 Under ``torch.compile`` the PyTorch definitions are used instead: the compiler fuses them
 itself.
@@ -56,9 +57,9 @@ def _rows(H, L, D, R, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 
 @triton.jit
 def _shifted_silu(x, ok):
-    """``y = silu(x) + 1/2`` (0 outside the mask, so it adds nothing to the norm) and ``sigmoid(x)``."""
-    s = tl.sigmoid(x)
-    return tl.where(ok, x * s + 0.5, 0.0), s
+    """``psi = silu(x) + 1/2`` (0 outside the mask, so it adds nothing to the norm) and ``sigma(x)``."""
+    sig = tl.sigmoid(x)
+    return tl.where(ok, x * sig + 0.5, 0.0), sig
 
 
 @triton.jit
@@ -74,29 +75,30 @@ def feature_map_kernel(
     if KIND == 0:  # elu(x) + 1: x + 1 above zero, exp(x) below
         out = tl.where(x > 0, x + 1.0, tl.exp(x))
     else:  # (silu(x) + 1/2) / ||silu(x) + 1/2||, the norm over the row's D features
-        y, _ = _shifted_silu(x, ok)
-        out = y / tl.sqrt(tl.sum(y * y, axis=1))[:, None]
+        psi, _ = _shifted_silu(x, ok)
+        out = psi / tl.sqrt(tl.sum(psi * psi, axis=1))[:, None]
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def feature_map_backward_kernel(
-    x_ptr, grad_ptr, dx_ptr,  # x, the gradient of phi(x), out: the gradient of x; all [B, H, L, D]
+    x_ptr, dphi_ptr, dx_ptr,  # x, the gradient of phi(x), out: the gradient of x; all [B, H, L, D]
     sxb, sxh, sxl, sgb, sgh, sgl, sdb, sdh, sdl,  # their strides (the last one is 1 for all three)
     H, L, D, R,
     KIND: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows, cols, b, h, l, ok = _rows(H, L, D, R, ROWS, BLOCK_D)
     x = tl.load(x_ptr + (b * sxb + h * sxh + l * sxl)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    g = tl.load(grad_ptr + (b * sgb + h * sgh + l * sgl)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    dphi = tl.load(dphi_ptr + (b * sgb + h * sgh + l * sgl)[:, None] + cols[None, :], mask=ok,
+                   other=0.0).to(tl.float32)
     if KIND == 0:
-        dx = tl.where(x > 0, g, g * tl.exp(x))
+        dx = tl.where(x > 0, dphi, dphi * tl.exp(x))
     else:
-        y, s = _shifted_silu(x, ok)
-        n = tl.sqrt(tl.sum(y * y, axis=1))
-        o = y / n[:, None]
-        dy = (g - o * tl.sum(o * g, axis=1)[:, None]) / n[:, None]  # g less its part along o, over n
-        dx = dy * s * (1.0 + x * (1.0 - s))  # times silu'(x)
+        psi, sig = _shifted_silu(x, ok)
+        norm = tl.sqrt(tl.sum(psi * psi, axis=1))
+        phi = psi / norm[:, None]
+        dpsi = (dphi - phi * tl.sum(phi * dphi, axis=1)[:, None]) / norm[:, None]  # dphi less its part along phi
+        dx = dpsi * sig * (1.0 + x * (1.0 - sig))  # times silu'(x)
     tl.store(dx_ptr + (b * sdb + h * sdh + l * sdl)[:, None] + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
              mask=ok)
 
@@ -123,13 +125,13 @@ class _FeatureMap(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, dphi):
         x, = ctx.saved_tensors
-        grad = _unit_stride(grad)
+        dphi = _unit_stride(dphi)
         dx = torch.empty_like(x)  # x's layout: the projection's [B, L, H, D] order, no copy after
         B, H, L, D = x.shape
         R = B * H * L
-        _launch_backward((ceil_div(R, ROWS),), x, grad, dx, *x.stride()[:3], *grad.stride()[:3], *dx.stride()[:3],
+        _launch_backward((ceil_div(R, ROWS),), x, dphi, dx, *x.stride()[:3], *dphi.stride()[:3], *dx.stride()[:3],
                          H, L, D, R, KIND=ctx.kind, ROWS=ROWS, BLOCK_D=next_power_of_2(D), num_warps=4)
         return dx, None
 
