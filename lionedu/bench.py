@@ -11,8 +11,9 @@ Implementations: ``lionedu-triton`` (lionedu.kernels.chunkwise), ``vectorized-ch
 ``attention-form`` (the materialised L x L mask, as the LION paper's code trains), ``sdpa``
 (PyTorch's fused softmax attention: the flash backend, or for float32, which flash does not
 take, the memory-efficient backend), ``sdpa-cudnn`` (the same call on the cuDNN backend, which
-PyTorch itself prefers on Hopper and which was ~1.5x faster than flash on the H200) and ``fla`` (flash-linear-attention's causal
-chunk kernel, twice plus a flip, for a bidirectional layer) when it can be imported.
+PyTorch itself prefers on Hopper and which was ~1.5x faster than flash on the H200) and ``fla``
+(flash-linear-attention's causal chunk kernel, twice plus a flip, for a bidirectional layer)
+when it can be imported.
 
 Writes a table to the terminal, JSON with ``--json`` and a plot with ``--plot``.
 ``--cuda-graph`` times replays of captured steps (the GPU's time alone);
@@ -95,24 +96,20 @@ def implementation(name):
         return lambda q, k, v, ld, causal: lionedu.vectorized.chunkwise(q, k, v, ld, causal=causal)
     if name == "attention-form":
         return lambda q, k, v, ld, causal: lionedu.vectorized.attention(q, k, v, ld, causal=causal)
-    if name == "sdpa":
+    if name in SOFTMAX:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        def sdpa(q, k, v, ld, causal):
+        def backend(dtype):
+            if name == "sdpa-cudnn":
+                return SDPBackend.CUDNN_ATTENTION
             # Flash attention takes only 16-bit inputs; float32 goes to the memory-efficient kernel.
-            backend = SDPBackend.EFFICIENT_ATTENTION if q.dtype == torch.float32 else SDPBackend.FLASH_ATTENTION
-            with sdpa_kernel(backend):
+            return SDPBackend.EFFICIENT_ATTENTION if dtype == torch.float32 else SDPBackend.FLASH_ATTENTION
+
+        def sdpa(q, k, v, ld, causal):
+            with sdpa_kernel(backend(q.dtype)):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
         return sdpa
-    if name == "sdpa-cudnn":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        def sdpa_cudnn(q, k, v, ld, causal):
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-        return sdpa_cudnn
     if name == "fla":
         return _fla_bidirectional()
     raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(IMPLS)}")
@@ -296,7 +293,7 @@ def plot(result: dict, path: str) -> None:
     keys = sorted({(r["impl"], r["variant"], r["causal"]) for r in result["rows"]})
     # One colour per implementation, one line style per variant, one marker per causality.
     # SDPA has no decay: its rows are the same computation for every variant, drawn once
-    # (from the first variant of the run), in black.
+    # (from the first variant of the run), in black (flash) and grey (cuDNN).
     first_variant = result["rows"][0]["variant"]
     keys = [key for key in keys if key[0] not in SOFTMAX or key[1] == first_variant]
     colors = {"lionedu-triton": "tab:red", "vectorized-chunkwise": "tab:blue", "attention-form": "tab:green",

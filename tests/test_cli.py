@@ -87,6 +87,32 @@ def test_bench_times_cuda_graph_replays(impl):
     assert all(x > 0 for x in eager + graph) and graph[2] == pytest.approx(eager[2], rel=0.2)
 
 
+def test_bench_sdpa_backends(monkeypatch):
+    """`sdpa` asks for flash with 16-bit inputs and for the memory-efficient kernel with float32
+    (flash takes no float32); `sdpa-cudnn` always asks for cuDNN."""
+    import contextlib
+
+    import torch.nn.attention as attention
+
+    asked = []
+
+    @contextlib.contextmanager
+    def record(backend):
+        asked.append(backend)
+        yield
+
+    monkeypatch.setattr(attention, "sdpa_kernel", record)
+    q = torch.rand(1, 2, 5, 4)
+    B = attention.SDPBackend
+    for name, dtype, expected in (("sdpa", torch.bfloat16, B.FLASH_ATTENTION), ("sdpa", torch.float16, B.FLASH_ATTENTION),
+                                  ("sdpa", torch.float32, B.EFFICIENT_ATTENTION),
+                                  ("sdpa-cudnn", torch.bfloat16, B.CUDNN_ATTENTION),
+                                  ("sdpa-cudnn", torch.float32, B.CUDNN_ATTENTION)):
+        x = q.to(dtype)
+        assert bench.implementation(name)(x, x, x, None, False).shape == x.shape
+        assert asked[-1] == expected, (name, dtype)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_bench_sdpa_runs_every_dtype(dtype):
