@@ -11,7 +11,8 @@ Implementations: ``lionedu-triton`` (lionedu.kernels.chunkwise), ``vectorized-ch
 ``attention-form`` (the materialised L x L mask, as the LION paper's code trains), ``sdpa``
 (PyTorch's fused softmax attention: the flash backend, or for float32, which flash does not
 take, the memory-efficient backend), ``sdpa-cudnn`` (the same call on the cuDNN backend, which
-PyTorch itself prefers on Hopper and which was ~1.5x faster than flash on the H200) and ``fla``
+PyTorch itself prefers on Hopper and which was ~1.5x faster than flash on the H200; it takes no
+float32, whose rows record the error) and ``fla``
 (flash-linear-attention's causal chunk kernel, twice plus a flip, for a bidirectional layer)
 when it can be imported.
 

@@ -56,6 +56,12 @@ def _rows(H, L, D, R, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _at(b, h, l, cols, stride_b, stride_h, stride_l):
+    """Offsets of the rows ``(b, h, l)``, features ``cols``, of a tensor with these strides (last one 1)."""
+    return (b * stride_b + h * stride_h + l * stride_l)[:, None] + cols[None, :]
+
+
+@triton.jit
 def _shifted_silu(x, ok):
     """``psi = silu(x) + 1/2`` (0 outside the mask, so it adds nothing to the norm) and ``sigma(x)``."""
     sig = tl.sigmoid(x)
@@ -64,34 +70,33 @@ def _shifted_silu(x, ok):
 
 @triton.jit
 def feature_map_kernel(
-    x_ptr,  # x [B, H, L, D], strides (sxb, sxh, sxl, 1)
+    x_ptr,  # x [B, H, L, D], strides (s_x_b, s_x_h, s_x_l, 1)
     out_ptr,  # out: phi(x) [B, H, L, D], contiguous, in x's dtype
-    sxb, sxh, sxl, H, L, D, R,  # R = B * H * L rows
+    s_x_b, s_x_h, s_x_l, H, L, D, R,  # R = B * H * L rows
     KIND: tl.constexpr,  # ELU_PLUS_ONE or NORMALIZED_SHIFTED_SILU
     ROWS: tl.constexpr, BLOCK_D: tl.constexpr,  # BLOCK_D: D rounded up to a power of two
 ):
     rows, cols, b, h, l, ok = _rows(H, L, D, R, ROWS, BLOCK_D)
-    x = tl.load(x_ptr + (b * sxb + h * sxh + l * sxl)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    if KIND == 0:  # elu(x) + 1: x + 1 above zero, exp(x) below
+    x = tl.load(x_ptr + _at(b, h, l, cols, s_x_b, s_x_h, s_x_l), mask=ok, other=0.0).to(tl.float32)
+    if KIND == 0:  # ELU_PLUS_ONE, elu(x) + 1: x + 1 above zero, exp(x) below
         out = tl.where(x > 0, x + 1.0, tl.exp(x))
     else:  # (silu(x) + 1/2) / ||silu(x) + 1/2||, the norm over the row's D features
         psi, _ = _shifted_silu(x, ok)
         out = psi / tl.sqrt(tl.sum(psi * psi, axis=1))[:, None]
-    tl.store(out_ptr + rows[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + rows[:, None] * D + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)  # contiguous
 
 
 @triton.jit
 def feature_map_backward_kernel(
     x_ptr, dphi_ptr, dx_ptr,  # x, the gradient of phi(x), out: the gradient of x; all [B, H, L, D]
-    sxb, sxh, sxl, sgb, sgh, sgl, sdb, sdh, sdl,  # their strides (the last one is 1 for all three)
+    s_x_b, s_x_h, s_x_l, s_dphi_b, s_dphi_h, s_dphi_l, s_dx_b, s_dx_h, s_dx_l,  # their strides (the last ones are 1)
     H, L, D, R,
     KIND: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows, cols, b, h, l, ok = _rows(H, L, D, R, ROWS, BLOCK_D)
-    x = tl.load(x_ptr + (b * sxb + h * sxh + l * sxl)[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    dphi = tl.load(dphi_ptr + (b * sgb + h * sgh + l * sgl)[:, None] + cols[None, :], mask=ok,
-                   other=0.0).to(tl.float32)
-    if KIND == 0:
+    x = tl.load(x_ptr + _at(b, h, l, cols, s_x_b, s_x_h, s_x_l), mask=ok, other=0.0).to(tl.float32)
+    dphi = tl.load(dphi_ptr + _at(b, h, l, cols, s_dphi_b, s_dphi_h, s_dphi_l), mask=ok, other=0.0).to(tl.float32)
+    if KIND == 0:  # ELU_PLUS_ONE
         dx = tl.where(x > 0, dphi, dphi * tl.exp(x))
     else:
         psi, sig = _shifted_silu(x, ok)
@@ -99,8 +104,7 @@ def feature_map_backward_kernel(
         phi = psi / norm[:, None]
         dpsi = (dphi - phi * tl.sum(phi * dphi, axis=1)[:, None]) / norm[:, None]  # dphi less its part along phi
         dx = dpsi * sig * (1.0 + x * (1.0 - sig))  # times silu'(x)
-    tl.store(dx_ptr + (b * sdb + h * sdh + l * sdl)[:, None] + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
-             mask=ok)
+    tl.store(dx_ptr + _at(b, h, l, cols, s_dx_b, s_dx_h, s_dx_l), dx.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
 _launch_forward = Launcher(feature_map_kernel)
@@ -128,7 +132,9 @@ class _FeatureMap(torch.autograd.Function):
     def backward(ctx, dphi):
         x, = ctx.saved_tensors
         dphi = _unit_stride(dphi)
-        dx = torch.empty_like(x)  # x's layout: the projection's [B, L, H, D] order, no copy after
+        # x's layout (the projection's [B, L, H, D] order: no copy after), or contiguous where the
+        # forward had to copy an x whose last stride was not 1
+        dx = torch.empty_like(x)
         B, H, L, D = x.shape
         R = B * H * L
         _launch_backward((ceil_div(R, ROWS),), x, dphi, dx, *x.stride()[:3], *dphi.stride()[:3], *dx.stride()[:3],
@@ -148,15 +154,21 @@ def fused_feature_map(phi):
 
 def feature_map(x: torch.Tensor, kind: int) -> torch.Tensor:
     """``phi(x)`` for ``x [B, H, L, D]`` (any strides; float32, bfloat16 or float16, where the
-    Triton kernels run: :func:`lionedu.kernels.chunkwise`), ``kind`` :data:`ELU_PLUS_ONE` or
-    :data:`NORMALIZED_SHIFTED_SILU`. Returns a contiguous ``[B, H, L, D]`` tensor in ``x``'s
-    dtype; differentiable. The same values as :mod:`lionedu.features` up to rounding (the
-    fused map computes in float32 and rounds once)."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a tensor of shape [B, H, L, D], got {getattr(x, 'shape', type(x).__name__)}")
-    if kind not in (ELU_PLUS_ONE, NORMALIZED_SHIFTED_SILU):
+    Triton kernels run: :func:`lionedu.kernels.chunkwise`; ``D <= 256``), ``kind``
+    :data:`ELU_PLUS_ONE` or :data:`NORMALIZED_SHIFTED_SILU`. Returns a contiguous
+    ``[B, H, L, D]`` tensor in ``x``'s dtype; differentiable, the gradient in ``x``'s strides
+    (contiguous if ``x``'s last stride is not 1). The same values as :mod:`lionedu.features` up
+    to rounding (the fused map computes in float32 and rounds once)."""
+    from . import MAX_HEAD_DIM, check_kernel_tensor
+
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a tensor of shape [B, H, L, D], got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"x must have shape [B, H, L, D], got {list(x.shape)}")
+    if x.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"x's head dim D must be at most {MAX_HEAD_DIM} for the Triton kernels, got {x.shape[-1]}")
+    if isinstance(kind, bool) or kind not in (ELU_PLUS_ONE, NORMALIZED_SHIFTED_SILU):
         raise ValueError(f"kind must be ELU_PLUS_ONE (0) or NORMALIZED_SHIFTED_SILU (1), got {kind!r}")
-    from . import check_kernel_tensor
 
     check_kernel_tensor(x, "x")
     if torch.compiler.is_compiling() or x.numel() == 0:  # the compiler fuses the PyTorch definition itself
