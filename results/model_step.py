@@ -12,7 +12,9 @@ MLP ratio 2), bf16 weights and inputs, B = 4, a squared-output loss; three mixer
 - ``softmax``: :class:`lionedu.nn.SoftmaxAttention` (PyTorch's SDPA with its own choice of
   backend: cuDNN on the H200).
 
-First one block's GPU time per step (torch.profiler, the sum over kernels) and its CUDA-graph
+First one block's GPU time per step (torch.profiler, the sum over kernels, as
+results/profile_kernels.py measures it; the committed log was written with 5 profiled steps
+instead of that script's 20, commit f7b3f7d) and its CUDA-graph
 replay; then four blocks: the eager step, the eager step with autograd's single-threaded
 engine, the CUDA-graph replay and ``torch.compile(mode="reduce-overhead")``. Medians of
 ``triton.testing.do_bench``, ms. results/NOTES.md ("LION in a model") quotes its output.
@@ -22,13 +24,13 @@ import sys
 
 import torch
 import triton
-from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 import lionedu
 from lionedu.bench import graph_replay
 from lionedu.features import normalized_shifted_silu
 from lionedu.nn import EncoderBlock
+from profile_kernels import kernel_times  # results/profile_kernels.py (this script's folder is on sys.path)
 
 MIXERS = ("lion", "lion, PyTorch maps", "softmax")
 
@@ -61,14 +63,9 @@ def training_step(model, x):
     return step
 
 
-def gpu_ms_per_step(step, steps=5):
-    for _ in range(3):
-        step()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1e3
+def gpu_ms_per_step(step):
+    """GPU time of one ``step``, summed over its kernels (torch.profiler)."""
+    return sum(n * us for n, us in kernel_times(step).values()) / 1e3
 
 
 def main(lengths):

@@ -8,11 +8,12 @@ from lionedu import features
 from lionedu.kernels import feature_maps
 from lionedu.kernels.feature_maps import ELU_PLUS_ONE, NORMALIZED_SHIFTED_SILU, feature_map, fused_feature_map
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # else the interpreter (conftest.py)
 REFERENCE = {ELU_PLUS_ONE: features.elu_plus_one, NORMALIZED_SHIFTED_SILU: features.normalized_shifted_silu}
 LAYOUTS = ("contiguous", "heads split by a transpose", "every other feature")
 
 
-def _input(B, H, L, D, layout, seed, dtype=torch.float32, device="cpu"):
+def _input(B, H, L, D, layout, seed, dtype=torch.float32, device=DEVICE):
     """``x [B, H, L, D]`` in one of three layouts: contiguous; a transposed view of ``[B, L, H, D]``
     (how LionAttention splits its heads); a view that skips every other feature (last stride 2)."""
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -55,8 +56,7 @@ def test_fused_feature_map_matches_the_definition(B, H, L, D, layout, kind, seed
     """Values and gradients as lionedu.features, in float32 against float64, for odd shapes
     (one token, head dims that are not powers of two, rows spread over several programs) and
     three memory layouts."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = _input(B, H, L, D, layout, seed, device=device)
+    x = _input(B, H, L, D, layout, seed)
     value_error, grad_error = _errors(x, kind, seed)
     assert value_error < 1e-6 and grad_error < 1e-5
 
@@ -64,8 +64,7 @@ def test_fused_feature_map_matches_the_definition(B, H, L, D, layout, kind, seed
 def test_gradient_keeps_the_inputs_layout():
     """The gradient of a transposed view comes back in the same memory order: the projection
     that made the view receives it without a copy."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = _input(2, 3, 5, 8, "heads split by a transpose", 0, device=device).requires_grad_()
+    x = _input(2, 3, 5, 8, "heads split by a transpose", 0).requires_grad_()
     feature_map(x, NORMALIZED_SHIFTED_SILU).sum().backward()
     assert x.grad.stride() == x.stride()
 
@@ -93,11 +92,10 @@ def test_layer_uses_the_fused_map_on_the_kernels_path(monkeypatch):
         return fused(x, kind)
 
     monkeypatch.setattr(feature_maps, "feature_map", spy)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     for variant, kind in (("lit", ELU_PLUS_ONE), ("s", NORMALIZED_SHIFTED_SILU)):
-        layer = LionAttention(24, 2, variant, chunk_size=16).to(device)
-        x = torch.randn(2, 21, 24, device=device)
+        layer = LionAttention(24, 2, variant, chunk_size=16).to(DEVICE)
+        x = torch.randn(2, 21, 24, device=DEVICE)
         calls.clear()
         y = layer(x, form="triton")
         assert calls == [kind, kind]  # q and k
@@ -126,5 +124,5 @@ def test_bad_inputs():
 
 
 def test_empty_input():
-    x = torch.zeros(1, 2, 0, 4, device="cuda" if torch.cuda.is_available() else "cpu", requires_grad=True)
+    x = torch.zeros(1, 2, 0, 4, device=DEVICE, requires_grad=True)
     assert feature_map(x, NORMALIZED_SHIFTED_SILU).shape == (1, 2, 0, 4)

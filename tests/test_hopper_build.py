@@ -11,7 +11,9 @@ last step), so properties that the kernels' speed depends on can be tested anywh
   large at 128-wide heads, failed on the H200 before computing anything;
 - float32 inputs are multiplied on tensor cores: with ``input_precision="ieee"`` Triton
   compiles a float32 ``tl.dot`` to scalar fused multiply-adds, which made float32 18x slower
-  forward and 28x slower forward+backward on an H200 (results/NOTES.md, "Float32").
+  forward and 28x slower forward+backward on an H200 (results/NOTES.md, "Float32");
+- the fused feature maps (:mod:`lionedu.kernels.feature_maps`) compile for sm_90 and for
+  sm_75, the Colab T4's, in both kinds and 16-bit pointer types.
 
 The compiler runs in a subprocess, because the tests import the kernels under Triton's
 interpreter (conftest.py), which replaces the compilable kernels.
@@ -29,8 +31,9 @@ from lionedu.kernels.launch import launch_config, persistent_outputs
 
 HOPPER_SHARED_BYTES = 227 * 1024  # shared memory one block may use on an H100 / H200
 
-# Shared by the two scripts below: compile one kernel for sm_90 with the given compile-time
-# switches, integer arguments and pointer types (float32 where not named).
+# Shared by the scripts below: compile one kernel for a CUDA compute capability (sm_90 unless
+# told) with the given compile-time switches, integer arguments and pointer types (float32
+# where not named).
 PRELUDE = r"""
 import json, re, sys
 import triton
@@ -39,13 +42,13 @@ from triton.compiler import ASTSource
 from lionedu.kernels.output import chunk_output_kernel
 from lionedu.kernels.states import chunk_states_kernel
 
-def compile_for_sm90(kernel, consts, integers, pointers=None):
+def compile_for_gpu(kernel, consts, integers, pointers=None, capability=90):
     names = [p.name for p in kernel.params]
     signature = {n: (pointers or {}).get(n, "*fp32") for n in names if n.endswith("_ptr")}
     signature.update({n: "i32" for n in integers})
     source = ASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in consts}},
                        constexprs={(names.index(c),): v for c, v in consts.items()})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=1))
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=4, num_stages=1))
 """
 
 COMPILE = PRELUDE + r"""
@@ -63,7 +66,7 @@ for name, flags in launches.items():
                   ROW_OFFSET=False, COL_OFFSET=False, SPLIT=False, TRANSPOSED_STATE=False, CHUNK=chunk, DK=d, DV=d,
                   BLOCK_DV=min(d, 64), PRECISION="tf32", PERSISTENT=True, LOOP_STAGES=stages)
     consts.update(flags)
-    kernel = compile_for_sm90(chunk_output_kernel, consts, ("L", "N", "BH"), pointers)
+    kernel = compile_for_gpu(chunk_output_kernel, consts, ("L", "N", "BH"), pointers)
     result[name] = dict(shared=kernel.metadata.shared,
                         async_copies=kernel.asm["ttgir"].count("async_copy_global_to_local"))
 print(json.dumps(result))
@@ -82,8 +85,26 @@ kernels = {  # the forward's two launches (lionedu/kernels/autograd.py), LION-S,
 }
 result = {}
 for name, (kernel, integers, consts) in kernels.items():
-    ttgir = compile_for_sm90(kernel, {**shared, **consts}, integers).asm["ttgir"]
+    ttgir = compile_for_gpu(kernel, {**shared, **consts}, integers).asm["ttgir"]
     result[name] = dict(tensor_core_dots=ttgir.count("warp_group_dot "), scalar_dots=len(re.findall(r"tt\.dot ", ttgir)))
+print(json.dumps(result))
+"""
+
+
+COMPILE_FEATURE_MAPS = PRELUDE + r"""
+from lionedu.kernels.feature_maps import ELU_PLUS_ONE, NORMALIZED_SHIFTED_SILU, ROWS
+from lionedu.kernels.feature_maps import feature_map_backward_kernel, feature_map_kernel
+capability, pointer = int(sys.argv[1]), sys.argv[2]
+strides = ("s_x_b", "s_x_h", "s_x_l")
+backward_strides = strides + ("s_dphi_b", "s_dphi_h", "s_dphi_l", "s_dx_b", "s_dx_h", "s_dx_l")
+result = {}
+for kind in (ELU_PLUS_ONE, NORMALIZED_SHIFTED_SILU):
+    consts = dict(KIND=kind, ROWS=ROWS, BLOCK_D=64)
+    forward = compile_for_gpu(feature_map_kernel, consts, strides + ("H", "L", "D", "R"),
+                               dict(x_ptr=pointer, out_ptr=pointer), capability)
+    backward = compile_for_gpu(feature_map_backward_kernel, consts, backward_strides + ("H", "L", "D", "R"),
+                                dict(x_ptr=pointer, dphi_ptr=pointer, dx_ptr=pointer), capability)
+    result[kind] = [len(forward.asm["cubin"]), len(backward.asm["cubin"])]
 print(json.dumps(result))
 """
 
@@ -122,3 +143,11 @@ def test_float32_dots_run_on_tensor_cores_on_hopper(monkeypatch):
     precision = launch.float32_dot_precision.__wrapped__(torch.device("cuda", 0))
     for name, dots in _compile(COMPILE_FLOAT32, precision).items():
         assert dots["tensor_core_dots"] > 0 and dots["scalar_dots"] == 0, (name, precision, dots)
+
+
+@pytest.mark.parametrize("capability, pointer", [(90, "*bf16"), (75, "*fp16")])
+def test_feature_map_kernels_compile(capability, pointer):
+    """Both fused feature maps, forward and backward, compile to machine code for an H100/H200
+    (sm_90, bfloat16) and for a T4 (sm_75, float16; no bfloat16 there)."""
+    sizes = _compile(COMPILE_FEATURE_MAPS, capability, pointer)
+    assert len(sizes) == 2 and all(forward > 0 and backward > 0 for forward, backward in sizes.values()), sizes

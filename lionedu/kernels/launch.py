@@ -128,10 +128,10 @@ def persistent_outputs(dtype: torch.dtype, dk: int, dv: int, chunk: int, decays:
     -9 to -10 % at 4096, -12 to -13 % at 16384; LIT's -0.3 to +6 %, so LIT keeps one program
     per chunk. The forward's own launch gained little or lost (-1 % at 4096, -4 % at 16384,
     +5 to +11 % at 1024) and keeps one program per chunk. Only the measured sizes take it:
-    16-bit inputs, heads up to 64, chunks up to 64. (With 128-wide heads the first version,
-    whose value-tile loop was unrolled, failed on the H200: its pipelined buffers are about
-    three times as large; as committed, the loop over two value tiles keeps the persistent
-    loop from being pipelined there.) float32 stays on one program per chunk: with its
+    16-bit inputs, heads up to 64, chunks up to 64. (128-wide heads do not pay: with 128-wide
+    value tiles the two pipelined stages need more shared memory than the H200 has, and with
+    64-wide tiles the loop over them keeps the persistent loop from being pipelined, +2-3 %
+    fwd+bwd; dev runs §32.) float32 stays on one program per chunk: with its
     tensor-core dots (:func:`float32_dot_precision`) the persistent grid was 21 % slower
     (dev runs §30); LIT's, timed again, was -1 to +5 % (§29)."""
     return decays and dtype != torch.float32 and dk <= 64 and dv <= 64 and chunk <= 64
