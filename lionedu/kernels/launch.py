@@ -24,7 +24,7 @@ _launch_carries = Launcher(segment_carries_kernel)
 _launch_output = Launcher(chunk_output_kernel)
 
 __all__ = ["States", "padded_chunk_sums", "chunk_states", "chunk_outputs", "masked_operator", "launch_config",
-           "states_plan", "persistent_outputs", "float32_dot_precision", "kernel_flags", "ceil_div", "next_power_of_2"]
+           "states_plan", "persistent_outputs", "float32_dot_precision", "ceil_div", "next_power_of_2"]
 
 
 MIN_SEGMENT_CHUNKS = 8  # a walk is cut into segments of at least this many chunks (states_plan)
@@ -188,8 +188,8 @@ def float32_dot_precision(device: torch.device) -> str:
     return "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
 
 
-def kernel_flags(q, g, chunk_size):
-    """The compile-time switches the attention kernels share (``g``: see :func:`masked_operator`)."""
+def _flags(q, g, chunk_size):
+    """The compile-time switches both kernels share (``g``: see :func:`masked_operator`)."""
     return dict(HAS_DECAY=g is not None, SCALAR_DECAY=g is not None and g.dim() == 1, CHUNK=chunk_size,
                 PRECISION=float32_dot_precision(q.device) if q.dtype == torch.float32 else "tf32")
 
@@ -228,7 +228,7 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
         k, v, _or_dummy(g, k), _or_dummy(col_offset, k), st.S, *(_or_dummy(t, k) for t in st[1:]),
         _or_dummy(ends, k), _or_dummy(gamma, k), L, N, seg_chunks, SEGMENTED=segments > 1, **switches,
         BLOCK_DK=cfg["states_block_dk"], BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"],
-        num_stages=cfg["states_stages"], **kernel_flags(k, g, chunk_size))
+        num_stages=cfg["states_stages"], **_flags(k, g, chunk_size))
     if segments > 1:
         _launch_carries((BH, segments, slots), st.S, *(_or_dummy(t, k) for t in st[1:]), ends, _or_dummy(gamma, k),
                         N, seg_chunks, HAS_DECAY=g is not None, **switches, BLOCK_DV=min(DV, 64),
@@ -276,7 +276,7 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
         ROW_OFFSET=row_offset is not None, COL_OFFSET=col_offset is not None, SPLIT=partner is not None,
         TRANSPOSED_STATE=transposed_state, DK=DK, DV=DV, BLOCK_DV=cfg["output_block_dv"],
         PERSISTENT=persistent, LOOP_STAGES=cfg["output_loop_stages"], num_warps=cfg["output_warps"],
-        num_stages=cfg["output_stages"], **kernel_flags(q, g, chunk_size))
+        num_stages=cfg["output_stages"], **_flags(q, g, chunk_size))
     return out, den, dots
 
 

@@ -32,29 +32,6 @@ from .decays import chunk_log_decays
 
 
 @triton.jit
-def masked_block(scores, g, LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_DECAY: tl.constexpr,
-                 CHUNK: tl.constexpr):
-    """``scores ⊙ M`` for the ``C x C`` block of one chunk: ``[C, C]`` float32.
-
-    ``g [C]``: the chunk-local sums of the log decays (ignored without ``HAS_DECAY``). Below
-    the diagonal (``j < i``) ``M_ij = exp(g_i - g_j)``, above it ``exp(g_j - g_i)``: both
-    exponents are ``<= 0``. ``LOWER`` / ``UPPER`` keep the keys before / after ``i``; the
-    diagonal is always kept."""
-    pos = tl.arange(0, CHUNK)
-    before = pos[None, :] < pos[:, None]
-    after = pos[None, :] > pos[:, None]
-    keep = pos[None, :] == pos[:, None]
-    if LOWER:
-        keep = keep | before
-    if UPPER:
-        keep = keep | after
-    if HAS_DECAY:
-        diff = g[:, None] - g[None, :]
-        scores = scores * tl.exp(tl.where(before, diff, -diff))
-    return tl.where(keep, scores, 0.0)
-
-
-@triton.jit
 def _state_share(q, offset, read_scale, S_ptr, u_ptr, w_ptr, at, dk, dv, DK: tl.constexpr, DV: tl.constexpr,
                  ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr, TRANSPOSED_STATE: tl.constexpr,
                  PRECISION: tl.constexpr):
@@ -107,15 +84,24 @@ def _chunk_output(
             scores += offset[None, :]
 
     # ---- The C x C block of the mask -----------------------------------------------------------
+    # below (j < i): exp(g_i - g_j); above (j > i): exp(g_j - g_i); both exponents are <= 0.
+    before = pos[None, :] < pos[:, None]
+    after = pos[None, :] > pos[:, None]
+    keep = pos[None, :] == pos[:, None]
+    if LOWER:
+        keep = keep | before
+    if UPPER:
+        keep = keep | after
     if HAS_DECAY:
         g, G = chunk_log_decays(g_ptr, bh, n, N, CHUNK, SCALAR_DECAY)
+        diff = g[:, None] - g[None, :]
+        scores = scores * tl.exp(tl.where(before, diff, -diff))
         # How a state is read: forward exp(g_i) q_i^T H_n, backward exp(G - g_i) q_i^T R_n.
         scale_before, scale_after = tl.exp(g), tl.exp(G - g)
     else:
-        g = tl.zeros([CHUNK], dtype=tl.float32)
         scale_before = tl.full([CHUNK], 1.0, tl.float32)
         scale_after = scale_before
-    scores = masked_block(scores, g, LOWER, UPPER, HAS_DECAY, CHUNK)  # W_ij = (q_i . k_j + offset) M_ij
+    scores = tl.where(keep, scores, 0.0)  # masked scores W_ij = (q_i . k_j + offset) M_ij
     # Where each direction's states are: slot 0 holds the first direction kept.
     at_before = bh * N + n
     at_after = ((1 if LOWER else 0) * BH + bh) * N + n
@@ -132,8 +118,6 @@ def _chunk_output(
     if SPLIT:
         # Keys before i, keys after i and the diagonal apart (the diagonal is in neither
         # partner dot: its decay is 1, so it does not enter the decay gradient).
-        before = pos[None, :] < pos[:, None]
-        after = pos[None, :] > pos[:, None]
         scores_before = tl.where(before, scores, 0.0)
         scores_after = tl.where(after, scores, 0.0)
         diagonal = tl.sum(tl.where(before | after, 0.0, scores), axis=1)
