@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 import lionedu
 from lionedu.kernels import compiled
+from devices import KERNEL_DEVICE as DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKEND = "inductor" if torch.cuda.is_available() else "aot_eager"
 
 

@@ -7,8 +7,8 @@ from hypothesis import strategies as st
 from lionedu import features
 from lionedu.kernels import feature_maps
 from lionedu.kernels.feature_maps import ELU_PLUS_ONE, NORMALIZED_SHIFTED_SILU, feature_map, fused_feature_map
+from devices import KERNEL_DEVICE as DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # else the interpreter (conftest.py)
 REFERENCE = {ELU_PLUS_ONE: features.elu_plus_one, NORMALIZED_SHIFTED_SILU: features.normalized_shifted_silu}
 LAYOUTS = ("contiguous", "heads split by a transpose", "every other feature")
 
@@ -55,10 +55,11 @@ def _errors(x, kind, seed):
 def test_fused_feature_map_matches_the_definition(B, H, L, D, layout, kind, seed):
     """Values and gradients as lionedu.features, in float32 against float64, for odd shapes
     (one token, head dims that are not powers of two, rows spread over several programs) and
-    three memory layouts."""
+    three memory layouts. The worst errors seen over 600 such draws on an H200 were 1.1e-7
+    (value) and 2.4e-7 (gradient), as on the CPU (results/NOTES.md, correctness records)."""
     x = _input(B, H, L, D, layout, seed)
     value_error, grad_error = _errors(x, kind, seed)
-    assert value_error < 1e-6 and grad_error < 1e-5
+    assert value_error < 1e-6 and grad_error < 1e-6
 
 
 def test_gradient_keeps_the_inputs_layout():

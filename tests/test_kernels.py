@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import lionedu
 from lionedu import kernels, vectorized
+from devices import KERNEL_DEVICE as DEVICE
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (3e-3, 3e-3)}
 
@@ -110,8 +111,7 @@ def assert_close(errors, dtype):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_every_configuration(variant, causal, normalize):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert_close(compare(2, 2, 37, 5, 3, variant, causal, normalize, 16, torch.float32, device), torch.float32)
+    assert_close(compare(2, 2, 37, 5, 3, variant, causal, normalize, 16, torch.float32, DEVICE), torch.float32)
 
 
 @settings(max_examples=12, deadline=None)
@@ -119,33 +119,29 @@ def test_every_configuration(variant, causal, normalize):
        variant=st.sampled_from(["lit", "d", "s"]), causal=st.booleans(), normalize=st.booleans(),
        chunk_size=st.sampled_from([16, 32]), seed=st.integers(0, 2**31 - 1))
 def test_random_shapes(B, H, L, D, Dv, variant, causal, normalize, chunk_size, seed):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    errors = compare(B, H, L, D, Dv, variant, causal, normalize, chunk_size, torch.float32, device, seed=seed)
+    errors = compare(B, H, L, D, Dv, variant, causal, normalize, chunk_size, torch.float32, DEVICE, seed=seed)
     assert_close(errors, torch.float32)
 
 
 @pytest.mark.parametrize("D,Dv", [(130, 7), (9, 200)])
 def test_wide_heads(D, Dv):
     """Head dims past 128 take the wide launch configuration (padded to 256)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert_close(compare(1, 1, 40, D, Dv, "s", False, True, 16, torch.float32, device), torch.float32)
+    assert_close(compare(1, 1, 40, D, Dv, "s", False, True, 16, torch.float32, DEVICE), torch.float32)
 
 
 def test_non_contiguous_inputs():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    errors = compare(1, 3, 20, 4, 6, "s", False, True, 16, torch.float32, device, layout="transposed")
+    errors = compare(1, 3, 20, 4, 6, "s", False, True, 16, torch.float32, DEVICE, layout="transposed")
     assert_close(errors, torch.float32)
 
 
 def test_non_contiguous_output_gradient():
     """A layer that transposes the output hands the backward pass a strided gradient."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator(device=device).manual_seed(4)
+    gen = torch.Generator(device=DEVICE).manual_seed(4)
     # B = 1: the [B, H, L, Dv] -> [BH, L, Dv] reshape stays a strided view, no copy.
-    q, k = (torch.rand(1, 3, 21, 8, device=device, generator=gen).requires_grad_() for _ in range(2))
-    v = torch.randn(1, 3, 21, 16, device=device, generator=gen).requires_grad_()  # Dv = 16: no padding
-    ld = (-torch.rand(1, 3, 21, device=device, generator=gen)).requires_grad_()
-    w = torch.randn(1, 21, 3, 16, device=device, generator=gen)
+    q, k = (torch.rand(1, 3, 21, 8, device=DEVICE, generator=gen).requires_grad_() for _ in range(2))
+    v = torch.randn(1, 3, 21, 16, device=DEVICE, generator=gen).requires_grad_()  # Dv = 16: no padding
+    ld = (-torch.rand(1, 3, 21, device=DEVICE, generator=gen)).requires_grad_()
+    w = torch.randn(1, 21, 3, 16, device=DEVICE, generator=gen)
     grads = []
     for fn in (lambda *a: kernels.chunkwise(*a, chunk_size=16), vectorized.attention):
         out = fn(q, k, v, ld).transpose(1, 2)  # [B, L, H, Dv]: its gradient is not contiguous
@@ -161,9 +157,8 @@ def test_decay_gradient_kernel(BH, L, seed):
     a block, against the formula in float64 (sum of a, plus the exclusive prefix sum of d)."""
     from lionedu.kernels.decay_gradient import decay_gradient
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator(device=device).manual_seed(seed)
-    rb, ra, cb, ca = (torch.randn(BH, L, device=device, generator=gen) for _ in range(4))
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    rb, ra, cb, ca = (torch.randn(BH, L, device=DEVICE, generator=gen) for _ in range(4))
     a = rb.double() - cb.double()
     d = ra.double() - ca.double() - a
     ref = a.sum(-1, keepdim=True) + d.cumsum(-1) - d
@@ -216,16 +211,15 @@ def test_masked_operator_with_offsets_and_state_tiles(L, widths, tile_dk, tile_d
 
     from lionedu.kernels import launch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    DK, DV = (w * (64 if device == "cuda" else 16) for w in widths)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    DK, DV = (w * (64 if DEVICE == "cuda" else 16) for w in widths)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     BH, C = 2, 16
-    rand = lambda *s: 2 * torch.rand(*s, generator=gen, device=device) - 1  # noqa: E731
+    rand = lambda *s: 2 * torch.rand(*s, generator=gen, device=DEVICE) - 1  # noqa: E731
     q, k, partner = rand(BH, L, DK), rand(BH, L, DK), rand(BH, L, DV)
     v, shift = rand(BH, L, DV), rand(BH, L)
-    per_sequence = -torch.rand(BH, generator=gen, device=device) - 1e-3
-    per_token = {"lit": torch.zeros(BH, L, device=device), "d": per_sequence[:, None].expand(BH, L),
-                 "s": -2 * torch.rand(BH, L, generator=gen, device=device)}[decay]
+    per_sequence = -torch.rand(BH, generator=gen, device=DEVICE) - 1e-3
+    per_token = {"lit": torch.zeros(BH, L, device=DEVICE), "d": per_sequence[:, None].expand(BH, L),
+                 "s": -2 * torch.rand(BH, L, generator=gen, device=DEVICE)}[decay]
     g = {"lit": None, "d": per_sequence, "s": launch.padded_chunk_sums(per_token, C)}[decay]
     lower, upper = triangles
     a, b = (shift, None) if offset == "row" else (None, shift)
@@ -250,8 +244,7 @@ def test_walks_in_segments(monkeypatch, variant, causal):
 
     rule = launch.launch_config
     monkeypatch.setattr(launch, "launch_config", lambda *a, **kw: {**rule(*a, **kw), "states_segments": 3})
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert_close(compare(2, 2, 100, 12, 20, variant, causal, True, 16, torch.float32, device), torch.float32)
+    assert_close(compare(2, 2, 100, 12, 20, variant, causal, True, 16, torch.float32, DEVICE), torch.float32)
 
 
 @pytest.mark.parametrize("variant", ["lit", "d", "s"])
@@ -267,8 +260,7 @@ def test_persistent_backward_in_float32(monkeypatch, variant, causal):
     rule = launch.launch_config
     monkeypatch.setattr(launch, "launch_config", lambda *a, **kw: {**rule(*a, **kw), "states_segments": 2})
     monkeypatch.setattr(autograd, "persistent_outputs", lambda *args: True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert_close(compare(2, 2, 100, 12, 20, variant, causal, True, 16, torch.float32, device), torch.float32)
+    assert_close(compare(2, 2, 100, 12, 20, variant, causal, True, 16, torch.float32, DEVICE), torch.float32)
 
 
 def test_persistent_outputs_rule():
@@ -303,18 +295,16 @@ def test_walks_in_segments_wide_heads(monkeypatch):
 
     rule = launch.launch_config
     monkeypatch.setattr(launch, "launch_config", lambda *a, **kw: {**rule(*a, **kw), "states_segments": 2})
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    assert_close(compare(1, 2, 70, 130, 70, "s", False, True, 16, torch.float32, device), torch.float32)
+    assert_close(compare(1, 2, 70, 130, 70, "s", False, True, 16, torch.float32, DEVICE), torch.float32)
 
 
 @pytest.mark.parametrize("Dv", [64, 12])
 def test_output_is_a_tensor_of_its_own(Dv):
     """The output is no view of a buffer inside the Function, so it can be changed in place
     (autograd forbids that for views made inside a custom Function); one graph node."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    q = torch.rand(2, 3, 21, 8, device=device, requires_grad=True)
-    k, v = torch.rand(2, 3, 21, 8, device=device), torch.randn(2, 3, 21, Dv, device=device)
-    ld = torch.full((3,), -0.2, device=device, requires_grad=True)
+    q = torch.rand(2, 3, 21, 8, device=DEVICE, requires_grad=True)
+    k, v = torch.rand(2, 3, 21, 8, device=DEVICE), torch.randn(2, 3, 21, Dv, device=DEVICE)
+    ld = torch.full((3,), -0.2, device=DEVICE, requires_grad=True)
     out = kernels.chunkwise(q, k, v, ld, chunk_size=16)
     assert out._base is None and out.is_contiguous() and out.shape == (2, 3, 21, Dv)
     assert type(out.grad_fn).__name__ == "ChunkwiseAttentionBackward"
@@ -334,24 +324,22 @@ def test_output_is_a_tensor_of_its_own(Dv):
 
 
 def test_lion_attention_uses_the_kernels():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k = (torch.rand(1, 2, 19, 4, device=device) for _ in range(2))
-    v = torch.randn(1, 2, 19, 4, device=device)
+    q, k = (torch.rand(1, 2, 19, 4, device=DEVICE) for _ in range(2))
+    v = torch.randn(1, 2, 19, 4, device=DEVICE)
     ref = vectorized.attention(q.double(), k.double(), v.double())
     assert _rel(lionedu.lion_attention(q, k, v, impl="triton", chunk_size=16), ref) < 1e-5
 
 
 def test_kernel_specific_errors():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    q = torch.rand(1, 1, 8, 4, device=device)
+    q = torch.rand(1, 1, 8, 4, device=DEVICE)
     with pytest.raises(ValueError, match="chunk_size must be one of"):
         kernels.chunkwise(q, q, q, chunk_size=8)
     with pytest.raises(TypeError, match="float64"):
         kernels.chunkwise(q.double(), q.double(), q.double(), chunk_size=16)
     with pytest.raises(ValueError, match="at most 256"):
-        big = torch.rand(1, 1, 4, 257, device=device)
+        big = torch.rand(1, 1, 4, 257, device=DEVICE)
         kernels.chunkwise(big, big, q[..., :4, :], chunk_size=16)
-    bad = -torch.rand(1, 1, 8, device=device)
+    bad = -torch.rand(1, 1, 8, device=DEVICE)
     bad[0, 0, 3] = 0.5
     with pytest.raises(ValueError, match="log_decay must be <= 0"):
         kernels.chunkwise(q, q, q, bad, chunk_size=16)

@@ -10,6 +10,7 @@ from lionedu import lion_attention
 from lionedu.data import image_orders
 from lionedu.masks import decay_mask, per_token_log_decay
 from lionedu.nn import VARIANTS, EncoderBlock, LionAttention, SequenceClassifier, SoftmaxAttention
+from devices import KERNEL_DEVICE as DEVICE
 
 FORMS64 = ("attention", "recurrent", "chunkwise")
 
@@ -70,8 +71,7 @@ def _triton_layer_and_input(variant):
     if reason is not None:
         pytest.skip(reason)
     torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # else the interpreter (conftest.py)
-    return LionAttention(32, 2, variant, chunk_size=16).to(device), torch.randn(1, 40, 32, device=device)
+    return LionAttention(32, 2, variant, chunk_size=16).to(DEVICE), torch.randn(1, 40, 32, device=DEVICE)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

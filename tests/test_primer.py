@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from lionedu import vectorized
 from lionedu.kernels import primer
+from devices import KERNEL_DEVICE as DEVICE
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SETTINGS = settings(max_examples=30, deadline=None)
 
 
