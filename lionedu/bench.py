@@ -177,7 +177,7 @@ def step_peak_mib(step, leaves, input_bytes: int) -> float:
 
 
 def measure(fn, variant, causal, B, H, L, D, Dv, dtype, warmup_ms=25, rep_ms=100, cuda_graph=False,
-            single_threaded_autograd=False):
+            single_threaded_autograd=False, partial=None):
     """One benchmark row's numbers: fwd_ms, fwdbwd_ms, peak_mib (medians of repeated runs).
 
     ``cuda_graph``: time replays of CUDA graphs captured from one call instead of eager
@@ -186,6 +186,8 @@ def measure(fn, variant, causal, B, H, L, D, Dv, dtype, warmup_ms=25, rep_ms=100
     would see. Peak memory is always measured on eager calls. ``single_threaded_autograd``:
     the eager forward+backward runs its backward in the calling thread
     (``torch.autograd.set_multithreading_enabled(False)``), not in autograd's worker thread.
+    ``partial``: a dict that receives ``fwd_ms`` as soon as the forward is timed, so that a
+    caller keeps it when the training step then fails (an implementation without a backward).
     """
     from triton.testing import do_bench
 
@@ -193,6 +195,8 @@ def measure(fn, variant, causal, B, H, L, D, Dv, dtype, warmup_ms=25, rep_ms=100
     timed = graph_replay if cuda_graph else (lambda step: step)
     with torch.no_grad():
         fwd_ms = do_bench(timed(lambda: fn(q, k, v, ld, causal)), warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    if partial is not None:
+        partial["fwd_ms"] = fwd_ms
     fwdbwd, leaves = training_step(fn, q, k, v, ld, causal)
 
     fwdbwd()
@@ -240,9 +244,10 @@ def run(args) -> dict:
             row["error"] = "not installed"
         else:
             try:
+                # a failed training step keeps the forward's time (partial=row)
                 row["fwd_ms"], row["fwdbwd_ms"], row["peak_mib"] = measure(
                     fn, variant, causal, args.batch, args.heads, L, args.head_dim, args.value_dim, dtype,
-                    cuda_graph=args.cuda_graph, single_threaded_autograd=args.single_threaded_autograd)
+                    cuda_graph=args.cuda_graph, single_threaded_autograd=args.single_threaded_autograd, partial=row)
             except torch.OutOfMemoryError:
                 row["error"] = "out of memory"
             except Exception as exc:  # a failed case is a result, not a crash
@@ -300,16 +305,14 @@ def plot(result: dict, path: str) -> None:
     colors = {"lionedu-triton": "tab:red", "vectorized-chunkwise": "tab:blue", "attention-form": "tab:green",
               "fla": "tab:purple", "sdpa": "black", "sdpa-cudnn": "tab:gray"}
     for impl, variant, causal in keys:
-        rs = [r for r in result["rows"] if (r["impl"], r["variant"], r["causal"]) == (impl, variant, causal) and r["fwd_ms"] is not None]
-        if not rs:
-            continue
+        rs = [r for r in result["rows"] if (r["impl"], r["variant"], r["causal"]) == (impl, variant, causal)]
         style = dict(color=colors.get(impl, "tab:gray"), marker="^" if causal else "o", markersize=4,
                      linestyle=":" if impl in SOFTMAX and causal else {"s": "-", "d": "--", "lit": "-."}[variant])
         label = f"{impl}{' (causal)' if causal else ''}" if impl in SOFTMAX else f"{impl} ({variant}{', causal' if causal else ''})"
-        Ls = [r["L"] for r in rs]
-        axes[0].plot(Ls, [r["fwd_ms"] for r in rs], label=label, **style)
-        axes[1].plot(Ls, [r["fwdbwd_ms"] for r in rs], label=label, **style)
-        axes[2].plot(Ls, [r["peak_mib"] for r in rs], label=label, **style)
+        for ax, key in zip(axes, ("fwd_ms", "fwdbwd_ms", "peak_mib")):  # a row may have a forward time only
+            measured = [r for r in rs if r[key] is not None]
+            if measured:
+                ax.plot([r["L"] for r in measured], [r[key] for r in measured], label=label, **style)
     floors = sorted({(r["L"], r["fwd_floor_ms"]) for r in result["rows"] if r["variant"] == result["rows"][0]["variant"]})
     floor_line, = axes[0].plot([f[0] for f in floors], [f[1] for f in floors], "k--", label="forward memory floor")
     axes[0].legend(handles=[floor_line], fontsize=7, loc="upper left")
@@ -319,7 +322,12 @@ def plot(result: dict, path: str) -> None:
         ax.set_xlabel("sequence length L")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    handles, labels = axes[2].get_legend_handles_labels()
+    handles, labels = [], []  # every implementation once, also one with a forward time only
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            if label not in labels and handle is not floor_line:
+                handles.append(handle)
+                labels.append(label)
     rows_of_legend = -(-len(labels) // 6)  # six entries a row, under the panels
     r0 = result["rows"][0]
     fig.suptitle(f"{result['device']}: B={r0['B']} H={r0['H']} D={r0['D']} {r0['dtype']}; torch {result['torch']}, "

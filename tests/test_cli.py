@@ -71,6 +71,50 @@ def test_bench_arguments_and_errors():
         bench.parse_args(["--single-threaded-autograd", "--cuda-graph"])
 
 
+def _row(impl, L, fwd, fwdbwd=None, error=None):
+    row = dict(impl=impl, variant="s", causal=False, B=1, H=1, L=L, D=64, Dv=64, dtype="bf16", fwd_ms=fwd,
+               fwdbwd_ms=fwdbwd, peak_mib=None if fwdbwd is None else 10.0 * L, fwd_floor_ms=0.001 * L)
+    return row if error is None else {**row, "error": error}
+
+
+def test_bench_table_and_plot_keep_a_forward_without_a_backward(tmp_path):
+    """A row whose training step failed keeps its forward time: the table prints it beside the
+    error, and the plot draws it in the forward panel and names it in the legend."""
+    import matplotlib.pyplot as plt
+
+    result = dict(device="test GPU", torch="t", triton="t", lionedu="t", date="today", copy_tbps=1.0,
+                  rows=[_row("lionedu-triton", 1024, 0.1, 0.3), _row("lionedu-triton", 4096, 0.4, 1.2),
+                        _row("fla", 1024, 0.2, error="RuntimeError: no backward"),
+                        _row("fla", 4096, 0.7, error="RuntimeError: no backward")])
+    table = bench.format_table(result)
+    fla_lines = [line for line in table.splitlines() if line.split()[0] == "fla"]
+    assert len(fla_lines) == 2 and all("no backward" in line for line in fla_lines)
+    assert "0.7" in fla_lines[1].split("(")[0]
+    bench.plot(result, tmp_path / "plot.png")
+    figure = plt.gcf()
+    forward_lines = [line.get_label() for line in figure.axes[0].get_lines()]
+    assert "fla (s)" in forward_lines and "fla (s)" not in [line.get_label() for line in figure.axes[1].get_lines()]
+    assert "fla (s)" in [text.get_text() for text in figure.legends[0].get_texts()]
+    plt.close(figure)
+
+
+@pytest.mark.gpu
+def test_bench_keeps_the_forward_when_the_backward_fails(monkeypatch):
+    class NoBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q):
+            return q * 2
+
+        @staticmethod
+        def backward(ctx, dy):
+            raise RuntimeError("this implementation has no backward")
+
+    monkeypatch.setattr(bench, "implementation", lambda name: lambda q, k, v, ld, causal: NoBackward.apply(v))
+    args = bench.parse_args(["--lengths", "256", "--variants", "s", "--causal", "false", "--impls", "sdpa"])
+    (row,) = bench.run(args)["rows"]
+    assert row["fwd_ms"] > 0 and row["fwdbwd_ms"] is None and "no backward" in row["error"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_bench_without_gpu_says_so():
     out = subprocess.run([sys.executable, "-m", "lionedu.bench"], capture_output=True, text=True, timeout=120)
@@ -155,7 +199,7 @@ def test_bench_table_and_plot_from_a_result(name, tmp_path):
     keys = {"impl", "variant", "causal", "B", "H", "L", "D", "Dv", "dtype", "fwd_ms", "fwdbwd_ms", "peak_mib", "fwd_floor_ms"}
     for row in result["rows"]:
         assert keys <= set(row) and row["dtype"] in ("bf16", "fp16", "fp32")
-        assert (row["fwd_ms"] is None) == ("error" in row)
+        assert (row["fwdbwd_ms"] is None) == ("error" in row)  # a failed backward may keep the forward's time
     table = bench.format_table(result)
     assert result["device"] in table and result.get("timing", "eager") in table
     assert all(row["error"] in table for row in result["rows"] if "error" in row)
