@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates everything under results/ on a CUDA machine, in one command:
 #   bash results/reproduce.sh [OUTDIR] [PART]      (default OUTDIR: results/; PART: all, or 1, 2 or 3
-#   to run steps 1-3, 4-7 or 8-11 alone, for machines that limit one command's time)
+#   to run steps 1-3, 4-7 or 8-12 alone, for machines that limit one command's time)
 # 1. the GPU test suite (pytest -m gpu; worst error per dtype), then tests/test_compile.py (torch.compile
 #    with inductor on the GPU; not gpu-marked, since it also runs on the CPU), 2. python -m lionedu.check on the GPU,
 # (the tests run in 8 processes: pytest-xdist; compiling the kernels' variants is most of their time)
@@ -15,7 +15,7 @@
 # 9. float32 inputs, lionedu's kernels and SDPA, CUDA-graph replays (float32 tiles on tensor cores: v9);
 # 10. LION-S against SDPA on both its 16-bit backends, flash (the issue's reference) and cuDNN (PyTorch's own
 #     choice on Hopper, faster), CUDA-graph replays; 11. results/model_step.py: an encoder's training step
-#     with LION-S (fused feature maps, and PyTorch's) against softmax attention.
+#     with LION-S (fused feature maps, and PyTorch's) against softmax attention; 12. flash-linear-attention (below).
 set -uo pipefail
 out=${1:-results}
 mkdir -p "$out"
@@ -51,4 +51,12 @@ python3 -m lionedu.bench --dtype fp32 --variants s,lit --impls lionedu-triton,sd
 python3 -m lionedu.bench --variants s --causal both --impls lionedu-triton,sdpa,sdpa-cudnn --cuda-graph \
   --json "$out/bench-$tag-cudnn-graph.json" --plot "$out/bench-$tag-cudnn-graph.png" 2>&1 | tee "$out/bench-$tag-cudnn-graph.log"
 python3 results/model_step.py 2>&1 | tee "$out/model-step-$tag.log"
+# 12. flash-linear-attention's causal chunk kernels composed into a bidirectional layer (bench's fla), where it is
+#     installed (pip install fla-core==0.6.0; its rows say "not installed" otherwise): checked against float64, then
+#     timed; fla 0.6.0 refuses its gated backward with Triton < 3.7.1 on Hopper, which the rows record.
+if python3 -c "import fla" 2>/dev/null; then
+python3 results/fla_check.py 2>&1 | tee "$out/fla-check-$tag.log"
+python3 -m lionedu.bench --variants s,lit --causal both --impls lionedu-triton,fla,sdpa --cuda-graph \
+  --json "$out/bench-$tag-fla-graph.json" --plot "$out/bench-$tag-fla-graph.png" 2>&1 | tee "$out/bench-$tag-fla-graph.log"
+fi
 fi
