@@ -5,8 +5,14 @@ import pathlib
 import subprocess
 import sys
 
+import types
+from unittest import mock
+
 import pytest
 import torch
+from hypothesis import given, settings
+from reference import rel_err
+from strategies import problems
 
 from lionedu import bench, check, vectorized
 
@@ -205,3 +211,28 @@ def test_bench_table_and_plot_from_a_result(name, tmp_path):
     assert all(row["error"] in table for row in result["rows"] if "error" in row)
     bench.plot(result, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def _causal_gated_attention(q, k, v, g=None, scale=1.0):
+    """flash-linear-attention's ``chunk_simple_gla`` written with lionedu.vectorized: causal,
+    unnormalised, ``[B, T, H, .]`` tensors and per-token log gates ``g [B, T, H]``."""
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    out = vectorized.attention(scale * t(q), t(k), t(v), None if g is None else t(g), causal=True, normalize=False)
+    return t(out), None
+
+
+@settings(deadline=None, max_examples=60)
+@given(problem=problems())
+def test_bench_fla_composition_is_bidirectional_lion(problem):
+    """The bench's ``fla`` builds bidirectional LION from a causal gated kernel: a forward pass, a pass
+    over the reversed sequence with the gates shifted by one, the diagonal subtracted. With the
+    kernel replaced by its definition (fla itself needs a GPU) the layer must equal the float64
+    attention form, unnormalised, for every variant, causal or not, and odd shapes."""
+    fake = types.ModuleType("fla.ops.simple_gla")
+    fake.chunk_simple_gla = _causal_gated_attention
+    modules = {"fla": types.ModuleType("fla"), "fla.ops": types.ModuleType("fla.ops"), "fla.ops.simple_gla": fake}
+    with mock.patch.dict(sys.modules, modules):
+        layer = bench.implementation("fla")
+    q, k, v, log_decay, causal = (problem[name] for name in ("q", "k", "v", "log_decay", "causal"))
+    expected = vectorized.attention(q, k, v, log_decay, causal=causal, normalize=False)
+    assert rel_err(layer(q, k, v, log_decay, causal), expected) < 1e-10
