@@ -4,17 +4,16 @@ import json
 import pathlib
 import subprocess
 import sys
-
 import types
 from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
-from reference import rel_err
-from strategies import problems
 
 from lionedu import bench, check, vectorized
+from reference import rel_err
+from strategies import problems
 
 
 def test_check_command_reports_agreement():
