@@ -14,7 +14,8 @@ take, the memory-efficient backend), ``sdpa-cudnn`` (the same call on the cuDNN 
 PyTorch itself prefers on Hopper and which was ~1.5x faster than flash on the H200; it takes no
 float32, whose rows record the error) and ``fla``
 (flash-linear-attention's causal chunk kernel, twice plus a flip, for a bidirectional layer)
-when it can be imported.
+when it can be imported; fla gets its inputs in the ``[B, L, H, D]`` memory it takes, so its
+time includes the composition's flips but no layout copies.
 
 Writes a table to the terminal, JSON with ``--json`` and a plot with ``--plot``.
 ``--cuda-graph`` times replays of captured steps (the GPU's time alone);
@@ -48,18 +49,27 @@ def copy_bandwidth_tbps(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e12
 
 
-def make_inputs(variant, B, H, L, D, Dv, dtype, seed=0):
-    """Random q, k (non-negative, as after a feature map), v and the variant's log decay."""
+def make_inputs(variant, B, H, L, D, Dv, dtype, seed=0, sequence_major=False):
+    """Random q, k (non-negative, as after a feature map), v and the variant's log decay.
+
+    Shapes ``[B, H, L, D]`` (``[B, H, L]`` or ``[H]`` for the log decay). ``sequence_major``:
+    the same values held in ``[B, L, H, .]`` memory and returned as transposed views, for an
+    implementation that takes that layout (fla), so that it is not timed copying its inputs."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.rand(B, H, L, D, device="cuda", generator=gen).to(dtype)
-    k = torch.rand(B, H, L, D, device="cuda", generator=gen).to(dtype)
-    v = torch.randn(B, H, L, Dv, device="cuda", generator=gen).to(dtype)
+
+    def draw(sample, *features, dtype=dtype):
+        t = sample(B, H, L, *features, device="cuda", generator=gen).to(dtype)
+        return t.transpose(1, 2).contiguous().transpose(1, 2) if sequence_major else t
+
+    q = draw(torch.rand, D)
+    k = draw(torch.rand, D)
+    v = draw(torch.randn, Dv)
     if variant == "lit":
         ld = None
     elif variant == "d":
         ld = torch.nn.functional.logsigmoid(torch.randn(H, device="cuda", generator=gen) + 3)
     else:
-        ld = torch.nn.functional.logsigmoid(torch.randn(B, H, L, device="cuda", generator=gen) + 3)
+        ld = torch.nn.functional.logsigmoid(draw(torch.randn, dtype=torch.float32) + 3)
     return q, k, v, ld
 
 
@@ -82,6 +92,7 @@ def _fla_bidirectional():
         diag = (q * k).sum(-1, keepdim=True) * v
         return t(fwd) + t(bwd.flip(1)) - diag
 
+    run.sequence_major = True  # the bench hands it [B, L, H, D] memory (make_inputs)
     return run
 
 
@@ -191,7 +202,7 @@ def measure(fn, variant, causal, B, H, L, D, Dv, dtype, warmup_ms=25, rep_ms=100
     """
     from triton.testing import do_bench
 
-    q, k, v, ld = make_inputs(variant, B, H, L, D, Dv, dtype)
+    q, k, v, ld = make_inputs(variant, B, H, L, D, Dv, dtype, sequence_major=getattr(fn, "sequence_major", False))
     timed = graph_replay if cuda_graph else (lambda step: step)
     with torch.no_grad():
         fwd_ms = do_bench(timed(lambda: fn(q, k, v, ld, causal)), warmup=warmup_ms, rep=rep_ms, return_mode="median")

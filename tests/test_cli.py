@@ -120,6 +120,21 @@ def test_bench_keeps_the_forward_when_the_backward_fails(monkeypatch):
     assert row["fwd_ms"] > 0 and row["fwdbwd_ms"] is None and "no backward" in row["error"]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["lit", "d", "s"])
+def test_bench_sequence_major_inputs_hold_the_same_values(variant):
+    """fla is handed ``[B, L, H, .]`` memory: the same values as the default inputs, whose
+    transposes to fla's layout need no copy."""
+    default = bench.make_inputs(variant, 2, 3, 50, 16, 24, torch.bfloat16, seed=5)
+    major = bench.make_inputs(variant, 2, 3, 50, 16, 24, torch.bfloat16, seed=5, sequence_major=True)
+    for a, b in zip(default, major):
+        if a is None:
+            assert b is None
+            continue
+        assert torch.equal(a, b) and a.is_contiguous()
+        assert b.transpose(1, 2).is_contiguous() if b.dim() >= 3 else b.is_contiguous()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
 def test_bench_without_gpu_says_so():
     out = subprocess.run([sys.executable, "-m", "lionedu.bench"], capture_output=True, text=True, timeout=120)
@@ -235,3 +250,7 @@ def test_bench_fla_composition_is_bidirectional_lion(problem):
     q, k, v, log_decay, causal = (problem[name] for name in ("q", "k", "v", "log_decay", "causal"))
     expected = vectorized.attention(q, k, v, log_decay, causal=causal, normalize=False)
     assert rel_err(layer(q, k, v, log_decay, causal), expected) < 1e-10
+    # as the bench hands them over: [B, L, H, .] memory seen as [B, H, L, .] (make_inputs)
+    major = [t if t is None or t.dim() < 3 else t.transpose(1, 2).contiguous().transpose(1, 2)
+             for t in (q, k, v, log_decay)]
+    assert rel_err(layer(*major, causal), expected) < 1e-10
