@@ -90,6 +90,16 @@ for name, (kernel, integers, consts) in kernels.items():
 print(json.dumps(result))
 """
 
+COMPILE_STATES_SUMS = PRELUDE + r"""
+pointer = sys.argv[1]
+consts = dict(FIRST_DIRECTION=0, HAS_DECAY=True, SCALAR_DECAY=False, WITH_Z=True, WITH_U=False, WITH_W=False,
+              SEGMENTED=False, CHUNK=64, DK=64, DV=64, BLOCK_DK=64, BLOCK_DV=64,
+              PRECISION="tf32x3" if pointer == "*fp32" else "tf32")
+ttgir = compile_for_gpu(chunk_states_kernel, consts, ("L", "N", "seg_chunks"),
+                        dict(k_ptr=pointer, v_ptr=pointer, S_ptr=pointer)).asm["ttgir"]
+print(json.dumps(dict(dots=ttgir.count("warp_group_dot "), reductions=ttgir.count('"tt.reduce"'))))
+"""
+
 
 COMPILE_FEATURE_MAPS = PRELUDE + r"""
 from lionedu.kernels.feature_maps import ELU_PLUS_ONE, NORMALIZED_SHIFTED_SILU, ROWS
@@ -143,6 +153,18 @@ def test_float32_dots_run_on_tensor_cores_on_hopper(monkeypatch):
     precision = launch.float32_dot_precision.__wrapped__(torch.device("cuda", 0))
     for name, dots in _compile(COMPILE_FLOAT32, precision).items():
         assert dots["tensor_core_dots"] > 0 and dots["scalar_dots"] == 0, (name, precision, dots)
+
+
+@pytest.mark.parametrize("pointer", ["*bf16", "*fp16", "*fp32"])
+def test_states_kernel_sums_keys_on_tensor_cores_for_16_bit_inputs(pointer):
+    """The normaliser's key sums z: for 16-bit inputs a second tensor-core product (with a block of
+    ones) and no reduction left in the walk; for float32, whose product would be three TF32 products,
+    a reduction and the state's dot alone (tf32x3: three products). Dev runs §37 measured both ways."""
+    counts = _compile(COMPILE_STATES_SUMS, pointer)
+    if pointer == "*fp32":
+        assert counts == dict(dots=3, reductions=1), counts
+    else:
+        assert counts == dict(dots=2, reductions=0), counts
 
 
 @pytest.mark.parametrize("capability, pointer", [(90, "*bf16"), (75, "*fp16")])

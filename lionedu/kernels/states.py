@@ -74,12 +74,13 @@ def chunk_states_kernel(
     seq = slot * BH + bh  # index of this (direction, sequence) in the outputs
 
     # The running state (one [BLOCK_DK, BLOCK_DV] tile of it) and the optional vectors, float32.
-    # z is kept as BLOCK_DK x 16 equal columns: it is summed by the tensor cores, as the scaled
-    # keys' product with a block of ones (below), and column 0 is stored.
+    # z is kept as BLOCK_DK x 16 equal columns, of which column 0 is stored: for 16-bit inputs
+    # the tensor cores sum it, as the scaled keys' product with a block of ones (below).
     S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
     z = tl.zeros([BLOCK_DK, 16], dtype=tl.float32)
     ones = tl.full([CHUNK, 16], 1.0, v_ptr.dtype.element_ty)
     z_column = tl.arange(0, 16)[None, :]
+    Z_BY_PRODUCT: tl.constexpr = v_ptr.dtype.element_ty != tl.float32
     u = tl.zeros([BLOCK_DV], dtype=tl.float32)
     w = tl.zeros([BLOCK_DV], dtype=tl.float32)
 
@@ -127,12 +128,18 @@ def chunk_states_kernel(
             carry = 1.0
 
         # ---- S <- carry * S + (scaled K_n)^T V_n: one tensor-core product per chunk --------
-        k_scaled = tl.trans((k.to(tl.float32) * key_scale[:, None]).to(v.dtype))  # [BLOCK_DK, C]
-        S = carry * S + tl.dot(k_scaled, v, input_precision=PRECISION)
+        k_scaled = k.to(tl.float32) * key_scale[:, None]  # [C, BLOCK_DK]
+        k_scaled_t = tl.trans(k_scaled.to(v.dtype))  # [BLOCK_DK, C], the dot's operand
+        S = carry * S + tl.dot(k_scaled_t, v, input_precision=PRECISION)
         if WITH_Z:
-            # sum_j (scaled k_j) as a product with ones: the tensor cores add along the chunk, where
-            # tl.sum over it needs a reduction across warps (a step 15 % faster; dev runs §37)
-            z = carry * z + tl.dot(k_scaled, ones, input_precision=PRECISION)
+            if Z_BY_PRODUCT:
+                # sum_j (scaled k_j) as a product with ones: the tensor cores add along the chunk,
+                # where tl.sum over it is a reduction across warps (states kernel -10 %; dev runs §37)
+                z = carry * z + tl.dot(k_scaled_t, ones)
+            else:
+                # float32: the product would be three TF32 products ("tf32x3"), slower than the
+                # reduction (float32 forward +5 to +11 %, dev runs §37)
+                z = carry * z + tl.sum(k_scaled, axis=0)[:, None]
         # (every row tile computes u and w, the first stores them: with the offsets' load under
         # a branch here, most likely not pipelined, the backward's states pass took 23 % longer)
         if WITH_U:
