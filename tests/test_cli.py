@@ -247,6 +247,7 @@ def test_bench_fla_composition_is_bidirectional_lion(problem):
     modules = {"fla": types.ModuleType("fla"), "fla.ops": types.ModuleType("fla.ops"), "fla.ops.simple_gla": fake}
     with mock.patch.dict(sys.modules, modules):
         layer = bench.implementation("fla")
+    assert layer.sequence_major  # measure() hands it [B, L, H, D] memory (make_inputs)
     q, k, v, log_decay, causal = (problem[name] for name in ("q", "k", "v", "log_decay", "causal"))
     expected = vectorized.attention(q, k, v, log_decay, causal=causal, normalize=False)
     assert rel_err(layer(q, k, v, log_decay, causal), expected) < 1e-10

@@ -75,7 +75,10 @@ def chunk_states_kernel(
 
     # The running state (one [BLOCK_DK, BLOCK_DV] tile of it) and the optional vectors, float32.
     # z is kept as BLOCK_DK x 16 equal columns, of which column 0 is stored: for 16-bit inputs
-    # the tensor cores sum it, as the scaled keys' product with a block of ones (below).
+    # the tensor cores sum it, as the scaled keys' product with a block of ones (below). Float32
+    # inputs sum it by a reduction and carry the same 16 columns, for one store path (`ones` is
+    # then unused; their benchmark did not move, dev runs §37). Stores of z address row dk in
+    # every column (dk[:, None] + 0 * z_column, the pointer in z's shape) and keep column 0.
     S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
     z = tl.zeros([BLOCK_DK, 16], dtype=tl.float32)
     ones = tl.full([CHUNK, 16], 1.0, v_ptr.dtype.element_ty)
@@ -134,7 +137,8 @@ def chunk_states_kernel(
         if WITH_Z:
             if Z_BY_PRODUCT:
                 # sum_j (scaled k_j) as a product with ones: the tensor cores add along the chunk,
-                # where tl.sum over it is a reduction across warps (states kernel -10 %; dev runs §37)
+                # where tl.sum over it is a reduction across warps (states kernel -10 %; dev runs §37).
+                # It sums the scaled keys as rounded for the tensor cores, as S uses them.
                 z = carry * z + tl.dot(k_scaled_t, ones)
             else:
                 # float32: the product would be three TF32 products ("tf32x3"), slower than the
