@@ -49,6 +49,11 @@ def copy_bandwidth_tbps(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e12
 
 
+def as_sequence_major(t):
+    """``t [B, H, L, ...]`` with the same values held in ``[B, L, H, ...]`` memory, as a transposed view."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def make_inputs(variant, B, H, L, D, Dv, dtype, seed=0, sequence_major=False):
     """Random q, k (non-negative, as after a feature map), v and the variant's log decay.
 
@@ -59,7 +64,7 @@ def make_inputs(variant, B, H, L, D, Dv, dtype, seed=0, sequence_major=False):
 
     def draw(sample, *features, dtype=dtype):
         t = sample(B, H, L, *features, device="cuda", generator=gen).to(dtype)
-        return t.transpose(1, 2).contiguous().transpose(1, 2) if sequence_major else t
+        return as_sequence_major(t) if sequence_major else t
 
     q = draw(torch.rand, D)
     k = draw(torch.rand, D)

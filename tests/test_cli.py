@@ -252,6 +252,5 @@ def test_bench_fla_composition_is_bidirectional_lion(problem):
     expected = vectorized.attention(q, k, v, log_decay, causal=causal, normalize=False)
     assert rel_err(layer(q, k, v, log_decay, causal), expected) < 1e-10
     # as the bench hands them over: [B, L, H, .] memory seen as [B, H, L, .] (make_inputs)
-    major = [t if t is None or t.dim() < 3 else t.transpose(1, 2).contiguous().transpose(1, 2)
-             for t in (q, k, v, log_decay)]
+    major = [t if t is None or t.dim() < 3 else bench.as_sequence_major(t) for t in (q, k, v, log_decay)]
     assert rel_err(layer(*major, causal), expected) < 1e-10
