@@ -235,6 +235,101 @@ def test_masked_operator_with_offsets_and_state_tiles(L, widths, tile_dk, tile_d
         assert float((got.double() - want).norm()) <= 1e-5 * max(float(want.norm()), float(ref.norm()))
 
 
+def _value_sums_reference(v, weights, log_decay, lower: bool, upper: bool, C: int):
+    """The states kernel's ``sum_j (decay) weights_j v_j`` entering each chunk, in float64:
+    ``[slots, BH, N, DV]`` for ``v [BH, L, DV]``, ``weights`` and per-token ``log_decay [BH, L]``.
+    Forward: the tokens before chunk ``n``, decayed to its first token; backward: the tokens
+    after it, decayed to its last."""
+    BH, L, DV = v.shape
+    N = -(-L // C)
+    cum = log_decay.double().cumsum(-1)
+    weighted = weights.double()[..., None] * v.double()
+    slots = []
+    for before in [True] * lower + [False] * upper:
+        sums = torch.zeros(BH, N, DV, dtype=torch.float64, device=v.device)
+        for n in range(N):
+            if before and n > 0:
+                edge = n * C - 1  # decays after token j up to the last token before the chunk
+                sums[:, n] = (torch.exp(cum[:, edge:edge + 1] - cum[:, :edge + 1])[..., None] * weighted[:, :edge + 1]).sum(1)
+            if not before and (n + 1) * C < L:
+                edge = (n + 1) * C - 1  # decays from the first token after the chunk up to token j
+                sums[:, n] = (torch.exp(cum[:, edge + 1:] - cum[:, edge:edge + 1])[..., None] * weighted[:, edge + 1:]).sum(1)
+        slots.append(sums)
+    return torch.stack(slots)
+
+
+# bfloat16's interpreter dots are wrong (Triton 3.9), so the CPU checks float16 only.
+VALUE_SUM_DTYPES = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else [torch.float16]
+
+
+@settings(max_examples=8, deadline=None)
+@given(L=st.integers(1, 300), dtype=st.sampled_from(VALUE_SUM_DTYPES), widths=st.sampled_from([1, 2]),
+       decay=st.sampled_from(["lit", "d", "s"]), triangles=st.sampled_from([(True, True), (True, False), (False, True)]),
+       segments=st.sampled_from([1, 3]), seed=st.integers(0, 2**31 - 1))
+def test_value_sums_keep_float32_accuracy_for_16_bit_inputs(L, dtype, widths, decay, triangles, segments, seed):
+    """The states kernel's value sums ``u`` and offset-weighted sums ``w`` (the backward's
+    offsets, chapter 7) for 16-bit values: a tensor-core product whose weights enter as two
+    16-bit parts (states.py, ``_weighted_value_sum``), ``hi + lo``, about 22 significant bits
+    of each weight in float16 and 16 in bfloat16. Against float64 on the same 16-bit values,
+    positive values and weights (no cancellation, so the error is the weights' rounding,
+    averaged over the sum): the tolerances sit between what ``hi + lo`` gives and what the
+    weights rounded once (``hi`` alone) would give, 5.6e-5 in float16 under the interpreter
+    (mutation-checked). Walks whole and in segments (the end records carry the sums), L not
+    a multiple of the chunk."""
+    from unittest import mock
+
+    from lionedu.kernels import launch
+
+    DV = widths * (64 if DEVICE == "cuda" else 16)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    BH, C = 2, 64
+    k = torch.rand(BH, L, DV, generator=gen, device=DEVICE).to(dtype)
+    v = torch.rand(BH, L, DV, generator=gen, device=DEVICE).to(dtype)
+    b = torch.rand(BH, L, generator=gen, device=DEVICE) + 0.1
+    per_sequence = -0.05 * torch.rand(BH, generator=gen, device=DEVICE) - 1e-3
+    log_decay = {"lit": torch.zeros(BH, L, device=DEVICE), "d": per_sequence[:, None].expand(BH, L),
+                 "s": -0.1 * torch.rand(BH, L, generator=gen, device=DEVICE)}[decay]
+    g = {"lit": None, "d": per_sequence, "s": launch.padded_chunk_sums(log_decay, C)}[decay]
+    lower, upper = triangles
+    rule = launch.launch_config
+    with mock.patch.object(launch, "launch_config", lambda *a, **kw: {**rule(*a, **kw), "states_segments": segments}):
+        states = launch.chunk_states(k, v, g, lower=lower, upper=upper, chunk_size=C, with_u=True, col_offset=b)
+    for got, weights in ((states.u, torch.ones_like(b)), (states.w, b)):
+        want = _value_sums_reference(v, weights, log_decay, lower, upper, C)
+        if L > C:  # else every chunk's sums are empty: exactly zero
+            assert _rel(got, want) < {torch.float16: 5e-6, torch.bfloat16: 2e-5}[dtype], (dtype, _rel(got, want))
+        else:
+            assert float(got.abs().max()) == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decay", ["lit", "d", "s"])
+@pytest.mark.parametrize("triangles", [(True, True), (True, False)], ids=["bidirectional", "causal"])
+def test_bfloat16_normaliser_keeps_float32_accuracy(decay, triangles):
+    """The forward's normaliser ``c_i = sum_j M_ij q_i . k_j`` for bfloat16 inputs, against
+    float64 on the same bfloat16 inputs: the key sums z are float32 (the tensor cores add the
+    scaled keys as rounded for the state's product, states.py), and ``q_i . z`` is reduced in
+    float32, so ``c`` stays float32-accurate (dev runs §39 measured 5e-8 for LIT, 1.6e-5 with
+    decays; ``z`` rounded to bfloat16, unit round-off 2^-9, would be ~1e-3 off). Tolerance
+    1e-4. L not a multiple of the chunk, several chunks on each side."""
+    from lionedu.kernels import launch
+
+    gen = torch.Generator(device=DEVICE).manual_seed(7)
+    BH, L, D, C = 4, 1000, 64, 64
+    q = torch.rand(BH, L, D, generator=gen, device=DEVICE).bfloat16()
+    k = torch.rand(BH, L, D, generator=gen, device=DEVICE).bfloat16()
+    v = torch.rand(BH, L, D, generator=gen, device=DEVICE).bfloat16()
+    per_sequence = -0.05 * torch.rand(BH, generator=gen, device=DEVICE) - 1e-3
+    log_decay = {"lit": torch.zeros(BH, L, device=DEVICE), "d": per_sequence[:, None].expand(BH, L),
+                 "s": -0.1 * torch.rand(BH, L, generator=gen, device=DEVICE)}[decay]
+    g = {"lit": None, "d": per_sequence, "s": launch.padded_chunk_sums(log_decay, C)}[decay]
+    lower, upper = triangles
+    states = launch.chunk_states(k, v, g, lower=lower, upper=upper, chunk_size=C, with_z=True)
+    _, den, _ = launch.chunk_outputs(q, k, v, g, states, lower=lower, upper=upper, chunk_size=C, with_den=True)
+    want, _ = _operator_reference(q, k, torch.ones(BH, L, 1, device=DEVICE), log_decay, lower, upper)
+    assert _rel(den, want[..., 0]) < 1e-4
+
+
 @pytest.mark.parametrize("variant", ["lit", "d", "s"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_walks_in_segments(monkeypatch, variant, causal):

@@ -32,6 +32,39 @@ from .decays import chunk_log_decays
 
 
 @triton.jit
+def _weighted_value_sum(weights, x, BY_PRODUCT: tl.constexpr):
+    """``sum_j weights_j x_j`` over a chunk, for ``weights [C]`` float32 and ``x [C, W]``.
+
+    Float32 ``x``: the ``[W]`` sum, a reduction across warps. 16-bit ``x`` (``BY_PRODUCT``): the
+    tensor cores add along the chunk instead, and the result is a ``[16, W]`` block whose rows
+    add up to the sum (:func:`_rows_total`). The weights enter the product as two 16-bit rows,
+    ``hi`` (the weights rounded) and ``lo`` (what rounding lost, rounded): ``hi + lo`` keeps
+    about 16 significant bits of each weight, and the tensor cores multiply 16-bit numbers
+    exactly and add in float32, so the sum is as accurate as the float32 reduction's within
+    ~2^-16 relative (chapter 7's offsets need that: they nearly cancel against the scores).
+    """
+    if BY_PRODUCT:
+        hi = weights.to(x.dtype)
+        lo = (weights - hi.to(tl.float32)).to(x.dtype)
+        row = tl.arange(0, 16)[:, None]
+        split = tl.where(row == 0, hi[None, :], tl.where(row == 1, lo[None, :], tl.zeros_like(lo)[None, :]))
+        total = tl.dot(split, x)  # [16, C] x [C, W]: rows 0 and 1 hold the two parts, the rest 0
+    else:
+        total = tl.sum(weights[:, None] * x.to(tl.float32), axis=0)
+    return total
+
+
+@triton.jit
+def _rows_total(sums, BY_PRODUCT: tl.constexpr):
+    """The ``[W]`` vector a running sum of :func:`_weighted_value_sum` stands for."""
+    if BY_PRODUCT:
+        total = tl.sum(sums, axis=0)
+    else:
+        total = sums
+    return total
+
+
+@triton.jit
 def chunk_states_kernel(
     k_ptr, v_ptr,  # keys [BH, L, DK], values [BH, L, DV], one dtype, contiguous
     g_ptr,  # chunk-local sums of the log decays [BH, N*C] float32 (tail padded with 0),
@@ -83,9 +116,15 @@ def chunk_states_kernel(
     z = tl.zeros([BLOCK_DK, 16], dtype=tl.float32)
     ones = tl.full([CHUNK, 16], 1.0, v_ptr.dtype.element_ty)
     z_column = tl.arange(0, 16)[None, :]
-    Z_BY_PRODUCT: tl.constexpr = v_ptr.dtype.element_ty != tl.float32
-    u = tl.zeros([BLOCK_DV], dtype=tl.float32)
-    w = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    BY_PRODUCT: tl.constexpr = v_ptr.dtype.element_ty != tl.float32  # sums on the tensor cores
+    # u and w likewise: for 16-bit inputs [16, BLOCK_DV] blocks whose rows add up to them
+    # (_weighted_value_sum), for float32 the [BLOCK_DV] vectors themselves.
+    if BY_PRODUCT:
+        u = tl.zeros([16, BLOCK_DV], dtype=tl.float32)
+        w = tl.zeros([16, BLOCK_DV], dtype=tl.float32)
+    else:
+        u = tl.zeros([BLOCK_DV], dtype=tl.float32)
+        w = tl.zeros([BLOCK_DV], dtype=tl.float32)
 
     # Our segment: chunks first, ..., first + count - 1. The state starts empty at its edge
     # (the chunks before it are another program's, added afterwards by carries.py).
@@ -105,10 +144,10 @@ def chunk_states_kernel(
                 tl.store(z_ptr + at * DK + dk[:, None] + 0 * z_column, z, mask=z_column == 0)
         if WITH_U:
             if k_tile == 0:  # u and w have no key features: the first row tile stores them
-                tl.store(u_ptr + at * DV + dv, u)
+                tl.store(u_ptr + at * DV + dv, _rows_total(u, BY_PRODUCT))
         if WITH_W:
             if k_tile == 0:
-                tl.store(w_ptr + at * DV + dv, w)
+                tl.store(w_ptr + at * DV + dv, _rows_total(w, BY_PRODUCT))
 
         # ---- Load chunk n: K_n [C, BLOCK_DK], V_n [C, BLOCK_DV]; the tail past L reads as 0 -
         rows = n * CHUNK + pos
@@ -135,7 +174,7 @@ def chunk_states_kernel(
         k_scaled_t = tl.trans(k_scaled.to(v.dtype))  # [BLOCK_DK, C], the dot's operand
         S = carry * S + tl.dot(k_scaled_t, v, input_precision=PRECISION)
         if WITH_Z:
-            if Z_BY_PRODUCT:
+            if BY_PRODUCT:
                 # sum_j (scaled k_j) as a product with ones: the tensor cores add along the chunk,
                 # where tl.sum over it is a reduction across warps (states kernel -10 %; dev runs §37).
                 # It sums the scaled keys as rounded for the tensor cores, as S uses them.
@@ -147,10 +186,10 @@ def chunk_states_kernel(
         # (every row tile computes u and w, the first stores them: with the offsets' load under
         # a branch here, most likely not pipelined, the backward's states pass took 23 % longer)
         if WITH_U:
-            u = carry * u + tl.sum(key_scale[:, None] * v.to(tl.float32), axis=0)
+            u = carry * u + _weighted_value_sum(key_scale, v, BY_PRODUCT)
         if WITH_W:
             b = tl.load(col_offset_ptr + bh * L + rows, mask=row_ok, other=0.0)
-            w = carry * w + tl.sum((key_scale * b)[:, None] * v.to(tl.float32), axis=0)
+            w = carry * w + _weighted_value_sum(key_scale * b, v, BY_PRODUCT)
 
     # ---- A segment leaves its end record: the state past its last chunk and its total decay
     if SEGMENTED:
@@ -161,9 +200,9 @@ def chunk_states_kernel(
                 tl.store(ends_ptr + end + DK * DV + dk[:, None] + 0 * z_column, z, mask=z_column == 0)
         if WITH_U:
             if k_tile == 0:
-                tl.store(ends_ptr + end + DK * DV + DK + dv, u)
+                tl.store(ends_ptr + end + DK * DV + DK + dv, _rows_total(u, BY_PRODUCT))
         if WITH_W:
             if k_tile == 0:
-                tl.store(ends_ptr + end + DK * DV + DK + DV + dv, w)
+                tl.store(ends_ptr + end + DK * DV + DK + DV + dv, _rows_total(w, BY_PRODUCT))
         if tl.program_id(1) == 0:
             tl.store(ends_ptr + end + DK * DV + DK + 2 * DV, gamma)
