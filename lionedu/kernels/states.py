@@ -39,9 +39,10 @@ def _weighted_value_sum(weights, x, BY_PRODUCT: tl.constexpr):
     tensor cores add along the chunk instead, and the result is a ``[16, W]`` block whose rows
     add up to the sum (:func:`_rows_total`). The weights enter the product as two 16-bit rows,
     ``hi`` (the weights rounded) and ``lo`` (what rounding lost, rounded): ``hi + lo`` keeps
-    about 16 significant bits of each weight, and the tensor cores multiply 16-bit numbers
-    exactly and add in float32, so the sum is as accurate as the float32 reduction's within
-    ~2^-16 relative (chapter 7's offsets need that: they nearly cancel against the scores).
+    about twice the significant bits of one rounding (16 in bfloat16, 22 in float16), and the
+    tensor cores multiply 16-bit numbers exactly and add in float32, so the sum stays close to
+    the float32 reduction's (chapter 7's offsets need that: they nearly cancel against the
+    scores; dev runs §39).
     """
     if BY_PRODUCT:
         hi = weights.to(x.dtype)
