@@ -110,17 +110,17 @@ def chunk_states_kernel(
     # The running state (one [BLOCK_DK, BLOCK_DV] tile of it) and the optional vectors, float32.
     # z is kept as BLOCK_DK x 16 equal columns, of which column 0 is stored: for 16-bit inputs
     # the tensor cores sum it, as the scaled keys' product with a block of ones (below). Float32
-    # inputs sum it by a reduction and carry the same 16 columns, for one store path (`ones` is
-    # then unused; their benchmark did not move, dev runs §37). Stores of z address row dk in
-    # every column (dk[:, None] + 0 * z_column, the pointer in z's shape) and keep column 0.
+    # inputs sum it by a reduction and carry the same 16 columns, for one store path (their
+    # benchmark did not move, dev runs §37). Stores of z address row dk in every column
+    # (dk[:, None] + 0 * z_column, the pointer in z's shape) and keep column 0.
     S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
     z = tl.zeros([BLOCK_DK, 16], dtype=tl.float32)
-    ones = tl.full([CHUNK, 16], 1.0, v_ptr.dtype.element_ty)
     z_column = tl.arange(0, 16)[None, :]
     BY_PRODUCT: tl.constexpr = v_ptr.dtype.element_ty != tl.float32  # sums on the tensor cores
     # u and w likewise: for 16-bit inputs [16, BLOCK_DV] blocks whose rows add up to them
     # (_weighted_value_sum), for float32 the [BLOCK_DV] vectors themselves.
     if BY_PRODUCT:
+        ones = tl.full([CHUNK, 16], 1.0, v_ptr.dtype.element_ty)
         u = tl.zeros([16, BLOCK_DV], dtype=tl.float32)
         w = tl.zeros([16, BLOCK_DV], dtype=tl.float32)
     else:
