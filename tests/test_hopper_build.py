@@ -78,7 +78,7 @@ shared = dict(HAS_DECAY=True, SCALAR_DECAY=False, CHUNK=64, DK=64, DV=64, PRECIS
 kernels = {  # the forward's two launches (lionedu/kernels/autograd.py), LION-S, normalised, bidirectional
     "states": (chunk_states_kernel, ("L", "N", "seg_chunks"),
                dict(FIRST_DIRECTION=0, WITH_Z=True, WITH_U=False, WITH_W=False, SEGMENTED=False, BLOCK_DK=64,
-                    BLOCK_DV=64)),
+                    BLOCK_DV=64, WEIGHTS_BY_PRODUCT=False)),
     "output": (chunk_output_kernel, ("L", "N", "BH"),
                dict(LOWER=True, UPPER=True, WITH_DEN=True, NORMALIZE=True, ROW_OFFSET=False, COL_OFFSET=False,
                     SPLIT=False, TRANSPOSED_STATE=False, BLOCK_DV=64, PERSISTENT=False, LOOP_STAGES=1)),
@@ -91,14 +91,19 @@ print(json.dumps(result))
 """
 
 COMPILE_STATES_SUMS = PRELUDE + r"""
+import torch
+from lionedu.kernels.launch import weighted_sums_by_product
 pointer, sums = sys.argv[1], sys.argv[2]
+dtype = {"*bf16": torch.bfloat16, "*fp16": torch.float16, "*fp32": torch.float32}[pointer]
 consts = dict(FIRST_DIRECTION=0, HAS_DECAY=True, SCALAR_DECAY=False, WITH_Z="z" in sums, WITH_U="u" in sums,
               WITH_W="w" in sums, SEGMENTED=False, CHUNK=64, DK=64, DV=64, BLOCK_DK=64, BLOCK_DV=64,
-              PRECISION="tf32x3" if pointer == "*fp32" else "tf32")
+              PRECISION="tf32x3" if pointer == "*fp32" else "tf32", WEIGHTS_BY_PRODUCT=weighted_sums_by_product(dtype))
 ttgir = compile_for_gpu(chunk_states_kernel, consts, ("L", "N", "seg_chunks"),
                         dict(k_ptr=pointer, v_ptr=pointer, S_ptr=pointer)).asm["ttgir"]
 dots = ttgir.count("warp_group_dot ") + len(re.findall(r"tt\.dot ", ttgir))  # Hopper's products and mma.sync's
-print(json.dumps(dict(dots=dots, reductions=ttgir.count('"tt.reduce"'))))
+# the layout of mma.sync's result: which warps hold which rows and columns
+layouts = re.findall(r"nvidia_mma<\{versionMajor = 2, versionMinor = \d+, warpsPerCTA = \[(\d+), (\d+)\]", ttgir)
+print(json.dumps(dict(dots=dots, reductions=ttgir.count('"tt.reduce"'), warps_per_rows_cols=sorted(set(layouts)))))
 """
 
 
@@ -158,18 +163,28 @@ def test_float32_dots_run_on_tensor_cores_on_hopper(monkeypatch):
 
 @pytest.mark.parametrize("pointer", ["*bf16", "*fp16", "*fp32"])
 @pytest.mark.parametrize("sums", ["z", "u", "w"])
-def test_states_kernel_sums_on_tensor_cores_for_16_bit_inputs(pointer, sums):
-    """The sums that ride along the states: the normaliser's key sums z (forward) and the value
-    sums u, w (the backward's offsets). For 16-bit inputs each is a second tensor-core product
-    (z with a block of ones: no reduction left; u and w with their weights as a [16, C] block:
-    one reduction of its 16 rows when stored, inside each warp's tile); for float32, whose
-    product would be three TF32 products, a reduction over the chunk and the state's dot alone
-    (tf32x3: three products). Dev runs §37 and §39 measured both ways."""
+def test_states_kernel_sums_on_tensor_cores(pointer, sums):
+    """The sums that ride along the states, with the switches the launcher passes: the
+    normaliser's key sums z (forward) and the value sums u, w (the backward's offsets).
+
+    - z, 16-bit: a second tensor-core product, with a block of ones; no reduction left.
+    - u and w, bfloat16: a second product, their weights as a [16, C] block (mma.sync), and one
+      reduction of its 16 rows when stored; the product's layout puts the four warps side by
+      side along the columns (warpsPerCTA [1, 4]), so each warp holds all 16 rows of its
+      columns and that reduction stays inside warps.
+    - u and w, float16 (whose weights could leave float16's range) and every float32 sum (a
+      float32 product is three TF32 products): a reduction over the chunk, and the state's dot
+      alone (tf32x3: three products).
+    Dev runs §37 and §39 measured both ways."""
     counts = _compile(COMPILE_STATES_SUMS, pointer, sums)
     if pointer == "*fp32":
-        assert counts == dict(dots=3, reductions=1), counts
+        assert counts == dict(dots=3, reductions=1, warps_per_rows_cols=[]), counts
+    elif sums == "z":
+        assert counts == dict(dots=2, reductions=0, warps_per_rows_cols=[]), counts
+    elif pointer == "*bf16":
+        assert counts == dict(dots=2, reductions=1, warps_per_rows_cols=[["1", "4"]]), counts
     else:
-        assert counts == dict(dots=2, reductions=0 if sums == "z" else 1), counts
+        assert counts == dict(dots=1, reductions=1, warps_per_rows_cols=[]), counts
 
 
 @pytest.mark.parametrize("capability, pointer", [(90, "*bf16"), (75, "*fp16")])

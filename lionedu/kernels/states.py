@@ -35,14 +35,16 @@ from .decays import chunk_log_decays
 def _weighted_value_sum(weights, x, BY_PRODUCT: tl.constexpr):
     """``sum_j weights_j x_j`` over a chunk, for ``weights [C]`` float32 and ``x [C, W]``.
 
-    Float32 ``x``: the ``[W]`` sum, a reduction across warps. 16-bit ``x`` (``BY_PRODUCT``): the
-    tensor cores add along the chunk instead, and the result is a ``[16, W]`` block whose rows
-    add up to the sum (:func:`_rows_total`). The weights enter the product as two 16-bit rows,
-    ``hi`` (the weights rounded) and ``lo`` (what rounding lost, rounded): ``hi + lo`` keeps
-    about twice the significant bits of one rounding (16 in bfloat16, 22 in float16), and the
-    tensor cores multiply 16-bit numbers exactly and add in float32, so the sum stays close to
-    the float32 reduction's (chapter 7's offsets need that: they nearly cancel against the
-    scores; dev runs §39).
+    Without ``BY_PRODUCT``: the ``[W]`` sum, in float32, a reduction across warps. With it
+    (16-bit ``x``): the tensor cores add along the chunk instead, and the result is a
+    ``[16, W]`` block whose rows add up to the sum (:func:`_rows_total`). The weights enter the
+    product as two rows in ``x``'s format, ``hi`` (the weights rounded) and ``lo`` (what
+    rounding lost, rounded): ``hi + lo`` keeps about twice the significant bits of one rounding
+    (16 in bfloat16, 22 in float16). The tensor cores multiply those exactly and add in
+    float32; measured against float64 the sums stay within ~1e-6 relative, where the weights
+    rounded once miss by up to ~3e-4 (dev runs §39). Only for bfloat16 (the launcher's rule):
+    a float16 row cannot hold a weight past 65504 or below ~6e-8, and chapter 7's offsets
+    have no such bound.
     """
     if BY_PRODUCT:
         hi = weights.to(x.dtype)
@@ -86,6 +88,7 @@ def chunk_states_kernel(
     DK: tl.constexpr, DV: tl.constexpr,  # head dims (powers of two: the wrapper pads them)
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,  # the tile of the state this program owns
     PRECISION: tl.constexpr,  # float32 inputs: launch.float32_dot_precision; ignored for 16-bit
+    WEIGHTS_BY_PRODUCT: tl.constexpr,  # u and w by _weighted_value_sum's product (launch: bfloat16 only)
 ):
     # ---- Which piece of work is ours ----------------------------------------------------
     # Axis 0: the (batch, head) sequence; axis 1: a tile of the state, BLOCK_DK key features
@@ -116,11 +119,12 @@ def chunk_states_kernel(
     S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
     z = tl.zeros([BLOCK_DK, 16], dtype=tl.float32)
     z_column = tl.arange(0, 16)[None, :]
-    BY_PRODUCT: tl.constexpr = v_ptr.dtype.element_ty != tl.float32  # sums on the tensor cores
-    # u and w likewise: for 16-bit inputs [16, BLOCK_DV] blocks whose rows add up to them
-    # (_weighted_value_sum), for float32 the [BLOCK_DV] vectors themselves.
-    if BY_PRODUCT:
+    Z_BY_PRODUCT: tl.constexpr = v_ptr.dtype.element_ty != tl.float32  # z on the tensor cores
+    if Z_BY_PRODUCT:
         ones = tl.full([CHUNK, 16], 1.0, v_ptr.dtype.element_ty)
+    # u and w likewise where the launcher says so: [16, BLOCK_DV] blocks whose rows add up to
+    # them (_weighted_value_sum), else the [BLOCK_DV] vectors themselves.
+    if WEIGHTS_BY_PRODUCT:
         u = tl.zeros([16, BLOCK_DV], dtype=tl.float32)
         w = tl.zeros([16, BLOCK_DV], dtype=tl.float32)
     else:
@@ -145,10 +149,10 @@ def chunk_states_kernel(
                 tl.store(z_ptr + at * DK + dk[:, None] + 0 * z_column, z, mask=z_column == 0)
         if WITH_U:
             if k_tile == 0:  # u and w have no key features: the first row tile stores them
-                tl.store(u_ptr + at * DV + dv, _rows_total(u, BY_PRODUCT))
+                tl.store(u_ptr + at * DV + dv, _rows_total(u, WEIGHTS_BY_PRODUCT))
         if WITH_W:
             if k_tile == 0:
-                tl.store(w_ptr + at * DV + dv, _rows_total(w, BY_PRODUCT))
+                tl.store(w_ptr + at * DV + dv, _rows_total(w, WEIGHTS_BY_PRODUCT))
 
         # ---- Load chunk n: K_n [C, BLOCK_DK], V_n [C, BLOCK_DV]; the tail past L reads as 0 -
         rows = n * CHUNK + pos
@@ -175,7 +179,7 @@ def chunk_states_kernel(
         k_scaled_t = tl.trans(k_scaled.to(v.dtype))  # [BLOCK_DK, C], the dot's operand
         S = carry * S + tl.dot(k_scaled_t, v, input_precision=PRECISION)
         if WITH_Z:
-            if BY_PRODUCT:
+            if Z_BY_PRODUCT:
                 # sum_j (scaled k_j) as a product with ones: the tensor cores add along the chunk,
                 # where tl.sum over it is a reduction across warps (states kernel -10 %; dev runs §37).
                 # It sums the scaled keys as rounded for the tensor cores, as S uses them.
@@ -187,10 +191,10 @@ def chunk_states_kernel(
         # (every row tile computes u and w, the first stores them: with the offsets' load under
         # a branch here, most likely not pipelined, the backward's states pass took 23 % longer)
         if WITH_U:
-            u = carry * u + _weighted_value_sum(key_scale, v, BY_PRODUCT)
+            u = carry * u + _weighted_value_sum(key_scale, v, WEIGHTS_BY_PRODUCT)
         if WITH_W:
             b = tl.load(col_offset_ptr + bh * L + rows, mask=row_ok, other=0.0)
-            w = carry * w + _weighted_value_sum(key_scale * b, v, BY_PRODUCT)
+            w = carry * w + _weighted_value_sum(key_scale * b, v, WEIGHTS_BY_PRODUCT)
 
     # ---- A segment leaves its end record: the state past its last chunk and its total decay
     if SEGMENTED:
@@ -201,9 +205,9 @@ def chunk_states_kernel(
                 tl.store(ends_ptr + end + DK * DV + dk[:, None] + 0 * z_column, z, mask=z_column == 0)
         if WITH_U:
             if k_tile == 0:
-                tl.store(ends_ptr + end + DK * DV + DK + dv, _rows_total(u, BY_PRODUCT))
+                tl.store(ends_ptr + end + DK * DV + DK + dv, _rows_total(u, WEIGHTS_BY_PRODUCT))
         if WITH_W:
             if k_tile == 0:
-                tl.store(ends_ptr + end + DK * DV + DK + DV + dv, _rows_total(w, BY_PRODUCT))
+                tl.store(ends_ptr + end + DK * DV + DK + DV + dv, _rows_total(w, WEIGHTS_BY_PRODUCT))
         if tl.program_id(1) == 0:
             tl.store(ends_ptr + end + DK * DV + DK + 2 * DV, gamma)
