@@ -77,3 +77,15 @@ def test_verified_cells_and_exercises(path):
 def test_listed_in_the_table_of_contents(path):
     toc = [line.split("#")[0] for line in (ROOT / "_toc.yml").read_text().splitlines()]
     assert any(f"notebooks/{path.stem}" in line for line in toc), f"{path.stem} is not in _toc.yml"
+
+
+def test_vector_macros_are_defined():
+    """Every bold-vector macro (``\\vq``, ``\\vw``, ...) that the chapters' text and the book's
+    pages use is defined in _config.yml's MathJax macros: MathJax renders an undefined one as
+    an error in the page, and the book's build does not notice."""
+    config = (ROOT / "_config.yml").read_text()
+    defined = set(re.findall(r"^\s+(v[a-z]):", config.split("macros:", 1)[1], re.M))
+    texts = [_source(c) for path in CHAPTERS for c in _cells(path, "markdown")]
+    texts += [page.read_text() for page in sorted((ROOT / "book").glob("*.md"))]
+    used = {name for text in texts for name in re.findall(r"\\(v[a-z])(?![a-zA-Z])", text)}
+    assert used and used <= defined, sorted(used - defined)
