@@ -235,6 +235,18 @@ def test_masked_operator_with_offsets_and_state_tiles(L, widths, tile_dk, tile_d
         assert float((got.double() - want).norm()) <= 1e-5 * max(float(want.norm()), float(ref.norm()))
 
 
+def _mild_decays(decay, BH, L, C, gen):
+    """``(log_decay [BH, L], g)``: a variant's per-token log decays, small enough that sums over
+    hundreds of tokens stay of order 1, and the kernels' form of them (launch.padded_chunk_sums
+    for S, one per sequence for D, None for LIT)."""
+    from lionedu.kernels import launch
+
+    per_sequence = -0.05 * torch.rand(BH, generator=gen, device=DEVICE) - 1e-3
+    log_decay = {"lit": torch.zeros(BH, L, device=DEVICE), "d": per_sequence[:, None].expand(BH, L),
+                 "s": -0.1 * torch.rand(BH, L, generator=gen, device=DEVICE)}[decay]
+    return log_decay, {"lit": None, "d": per_sequence, "s": launch.padded_chunk_sums(log_decay, C)}[decay]
+
+
 def _value_sums_reference(v, weights, log_decay, lower: bool, upper: bool, C: int):
     """The states kernel's ``sum_j (decay) weights_j v_j`` entering each chunk, in float64:
     ``[slots, BH, N, DV]`` for ``v [BH, L, DV]``, ``weights`` and per-token ``log_decay [BH, L]``.
@@ -258,7 +270,6 @@ def _value_sums_reference(v, weights, log_decay, lower: bool, upper: bool, C: in
     return torch.stack(slots)
 
 
-# bfloat16's interpreter dots are wrong (Triton 3.9), so the CPU checks float16 only.
 # (dtype, product forced): bfloat16 takes the product by the launcher's rule, float16 the float32
 # reduction unless the test forces the product (float16 is what the interpreter multiplies right:
 # its bfloat16 dots are wrong on Triton 3.9, so the CPU runs float16 only).
@@ -299,10 +310,7 @@ def test_value_sums_for_16_bit_inputs(L, case, widths, decay, triangles, segment
     k = torch.rand(BH, L, DV, generator=gen, device=DEVICE).to(dtype)
     v = torch.rand(BH, L, DV, generator=gen, device=DEVICE).to(dtype)
     b = (torch.rand(BH, L, generator=gen, device=DEVICE) + 0.1) * offset_scale
-    per_sequence = -0.05 * torch.rand(BH, generator=gen, device=DEVICE) - 1e-3
-    log_decay = {"lit": torch.zeros(BH, L, device=DEVICE), "d": per_sequence[:, None].expand(BH, L),
-                 "s": -0.1 * torch.rand(BH, L, generator=gen, device=DEVICE)}[decay]
-    g = {"lit": None, "d": per_sequence, "s": launch.padded_chunk_sums(log_decay, C)}[decay]
+    log_decay, g = _mild_decays(decay, BH, L, C, gen)
     lower, upper = triangles
     rule = launch.launch_config
     with mock.patch.object(launch, "launch_config", lambda *a, **kw: {**rule(*a, **kw), "states_segments": segments}), \
@@ -343,10 +351,7 @@ def test_bfloat16_normaliser_against_float64(decay, triangles):
     q = torch.rand(BH, L, D, generator=gen, device=DEVICE).bfloat16()
     k = torch.rand(BH, L, D, generator=gen, device=DEVICE).bfloat16()
     v = torch.rand(BH, L, D, generator=gen, device=DEVICE).bfloat16()
-    per_sequence = -0.05 * torch.rand(BH, generator=gen, device=DEVICE) - 1e-3
-    log_decay = {"lit": torch.zeros(BH, L, device=DEVICE), "d": per_sequence[:, None].expand(BH, L),
-                 "s": -0.1 * torch.rand(BH, L, generator=gen, device=DEVICE)}[decay]
-    g = {"lit": None, "d": per_sequence, "s": launch.padded_chunk_sums(log_decay, C)}[decay]
+    log_decay, g = _mild_decays(decay, BH, L, C, gen)
     lower, upper = triangles
     states = launch.chunk_states(k, v, g, lower=lower, upper=upper, chunk_size=C, with_z=True)
     _, den, _ = launch.chunk_outputs(q, k, v, g, states, lower=lower, upper=upper, chunk_size=C, with_den=True)
