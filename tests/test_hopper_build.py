@@ -12,8 +12,8 @@ last step), so properties that the kernels' speed depends on can be tested anywh
 - float32 inputs are multiplied on tensor cores: with ``input_precision="ieee"`` Triton
   compiles a float32 ``tl.dot`` to scalar fused multiply-adds, which made float32 18x slower
   forward and 28x slower forward+backward on an H200 (results/NOTES.md, "Float32");
-- the fused feature maps (:mod:`lionedu.kernels.feature_maps`) compile for sm_90 and for
-  sm_75, the Colab T4's, in both kinds and 16-bit pointer types.
+- the fused feature maps (:mod:`lionedu.kernels.feature_maps`) and the values' shift
+  (:mod:`lionedu.kernels.centring`) compile for sm_90 and for sm_75, the Colab T4's.
 
 The compiler runs in a subprocess, because the tests import the kernels under Triton's
 interpreter (conftest.py), which replaces the compilable kernels.
@@ -63,7 +63,7 @@ launches = {  # the backward's three output launches (lionedu/kernels/autograd.p
 result = {}
 for name, flags in launches.items():
     consts = dict(LOWER=True, UPPER=True, HAS_DECAY=True, SCALAR_DECAY=False, WITH_DEN=False, NORMALIZE=False,
-                  ROW_OFFSET=False, COL_OFFSET=False, SPLIT=False, TRANSPOSED_STATE=False, CHUNK=chunk, DK=d, DV=d,
+                  ROW_OFFSET=False, COL_OFFSET=False, SPLIT=False, TRANSPOSED_STATE=False, SHIFTED=False, CHUNK=chunk, DK=d, DV=d,
                   BLOCK_DV=min(d, 64), PRECISION="tf32", PERSISTENT=True, LOOP_STAGES=stages)
     consts.update(flags)
     kernel = compile_for_gpu(chunk_output_kernel, consts, ("L", "N", "BH"), pointers)
@@ -81,7 +81,8 @@ kernels = {  # the forward's two launches (lionedu/kernels/autograd.py), LION-S,
                     BLOCK_DV=64, WEIGHTS_BY_PRODUCT=False)),
     "output": (chunk_output_kernel, ("L", "N", "BH"),
                dict(LOWER=True, UPPER=True, WITH_DEN=True, NORMALIZE=True, ROW_OFFSET=False, COL_OFFSET=False,
-                    SPLIT=False, TRANSPOSED_STATE=False, BLOCK_DV=64, PERSISTENT=False, LOOP_STAGES=1)),
+                    SPLIT=False, TRANSPOSED_STATE=False, SHIFTED=True, BLOCK_DV=64, PERSISTENT=False,
+                    LOOP_STAGES=1)),
 }
 result = {}
 for name, (kernel, integers, consts) in kernels.items():
@@ -122,6 +123,17 @@ for kind in (ELU_PLUS_ONE, NORMALIZED_SHIFTED_SILU):
                                 dict(x_ptr=pointer, dphi_ptr=pointer, dx_ptr=pointer), capability)
     result[kind] = [len(forward.asm["cubin"]), len(backward.asm["cubin"])]
 print(json.dumps(result))
+"""
+
+COMPILE_CENTRING = PRELUDE + r"""
+from lionedu.kernels.centring import ROWS, STATS_BLOCKS, centre_kernel, value_stats_kernel
+capability, pointer, bits, limit = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+stats = compile_for_gpu(value_stats_kernel, dict(DV=64, ROWS=ROWS, BLOCKS=STATS_BLOCKS), ("L",),
+                        dict(v_ptr=pointer), capability)
+centre = compile_for_gpu(centre_kernel, dict(DV=64, ROWS=ROWS, BITS=bits, LIMIT=limit), ("L",),
+                         dict(v_ptr=pointer, centred_ptr=pointer), capability)
+print(json.dumps(dict(stats=len(stats.asm["cubin"]), centre=len(centre.asm["cubin"]),
+                      atomics=stats.asm["ptx"].count("atom.") + stats.asm["ptx"].count("red."))))
 """
 
 
@@ -193,3 +205,15 @@ def test_feature_map_kernels_compile(capability, pointer):
     (sm_90, bfloat16) and for a T4 (sm_75, float16; no bfloat16 there)."""
     sizes = _compile(COMPILE_FEATURE_MAPS, capability, pointer)
     assert len(sizes) == 2 and all(forward > 0 and backward > 0 for forward, backward in sizes.values()), sizes
+
+
+@pytest.mark.parametrize("capability, dtype", [(90, torch.bfloat16), (90, torch.float16), (90, torch.float32),
+                                               (75, torch.float16), (75, torch.float32)])
+def test_centring_kernels_compile(capability, dtype):
+    """The values' shift (lionedu/kernels/centring.py): both kernels compile to machine code for
+    an H100/H200 and a T4 in each dtype they take there, the stats kernel with its atomics."""
+    from lionedu.kernels.centring import SIGNIFICANT_BITS
+
+    pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    sizes = _compile(COMPILE_CENTRING, capability, pointer, SIGNIFICANT_BITS[dtype], torch.finfo(dtype).max / 2)
+    assert sizes["stats"] > 0 and sizes["centre"] > 0 and sizes["atomics"] >= 2, sizes

@@ -10,6 +10,14 @@ before each chunk, ``R`` after it) and their key sums ``z``, then one pass of ou
 the full mask (its lower triangle when causal) gives ``N = (Q K^T ⊙ M) V`` and the
 normaliser ``c``; ``y = N / c``.
 
+Normalised, the kernels see *centred* values ``V - m`` (``m`` about the mean of each
+sequence's value columns, :mod:`.centring`) and the output gets ``m`` back:
+``y = m + Scale(...)(V - m)`` holds exactly, because each row of the normalised mask sums to one. It changes no gradient
+(``dV`` does not depend on ``V``, and ``m`` adds nothing to the others) but it keeps them
+accurate in 16 bits: every cancellation of the backward pass (``dN_i . v_j + dc_i`` below) is
+then between small numbers instead of values' common part, which bfloat16 states, ``dN`` and
+``y`` would round away (book chapter 8, section 10).
+
 Backward (book chapter 7): with ``V~ = [V, 1]`` and ``dO~ = [dN, dc]``,
 ``dN = dY / c``, ``dc = -(dY . Y) / c``, and because ``M`` is symmetric each gradient is the
 same masked operator with other arguments:
@@ -40,6 +48,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
+from .centring import centre_values
 from .decay_gradient import decay_gradient
 from .launch import States, chunk_outputs, chunk_states, next_power_of_2, padded_chunk_sums, persistent_outputs
 from .normaliser import normaliser_gradient
@@ -70,8 +79,9 @@ def _unflatten(t, B: int, H: int, d: int):
 
 class Saved(NamedTuple):
     """What the backward pass needs from the forward: the flattened, padded inputs
-    ``q, k [BH, L, D']``, ``v [BH, L, Dv']``, the chunk sums of the log decays ``g`` (``None``
-    for LIT), the padded output ``y [B, H, L, Dv']`` (zero past ``Dv``), the normaliser
+    ``q, k [BH, L, D']``, ``v [BH, L, Dv']`` (centred when normalised), the chunk sums of the
+    log decays ``g`` (``None`` for LIT), the padded output ``y [B, H, L, Dv']`` (zero past
+    ``Dv``; the centred output ``y - m`` when normalised), the normaliser
     ``den [BH, L]`` and the forward's states ``S`` and key sums ``z`` (:class:`.launch.States`;
     ``den`` and ``z`` are ``None`` unnormalised)."""
     q: torch.Tensor
@@ -99,18 +109,23 @@ def attention_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_s
     B, H, L, D = q.shape
     Dv = v.shape[-1]
     q_, k_, v_ = (_flatten(t, least) for t in (q, k, v))  # [BH, L, D'], [BH, L, D'], [BH, L, Dv']
+    if normalize:
+        v_, shift = centre_values(v_)  # [BH, L, Dv'] centred, [BH, Dv'] float32
     g = chunk_log_decay_sums(log_decay, B, H, L, chunk_size)
     opts = dict(lower=True, upper=not causal, chunk_size=chunk_size)
     states = chunk_states(k_, v_, g, with_z=normalize, **opts)
     # The output is written straight into a [B, H, L, Dv'] tensor: an autograd.Function must not
     # return a view of something it made (autograd forbids in-place changes to those).
     y = torch.empty(B, H, L, v_.shape[-1], device=v.device, dtype=v.dtype)
+    # Normalised, the kernel writes the centred output (saved) and, shifted back, the caller's.
+    y_out = torch.empty_like(y) if normalize else y
+    shifted = dict(shift=shift, shifted_out=y_out.view(B * H, L, -1)) if normalize else {}
     _, den, _ = chunk_outputs(q_, k_, v_, g, states, with_den=normalize, normalize=normalize,
-                              out=y.view(B * H, L, -1), **opts)
+                              out=y.view(B * H, L, -1), **shifted, **opts)
     # y itself is saved, not a view of it: a view made here (no grad mode) would turn a caller's
     # in-place change of the output into an obscure error instead of autograd's version check
     saved = Saved(q_, k_, v_, g, y, den, states.S, states.z)
-    return (y if y.shape[-1] == Dv else y[..., :Dv].clone()), saved
+    return (y_out if y_out.shape[-1] == Dv else y_out[..., :Dv].clone()), saved
 
 
 def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, normalize: bool, chunk_size: int,

@@ -250,7 +250,8 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
 
 def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk_size: int,
                   normalize: bool = False, with_den: bool = False, row_offset=None, col_offset=None,
-                  partner=None, transposed_state: bool = False, out=None, persistent: bool = False):
+                  partner=None, transposed_state: bool = False, out=None, persistent: bool = False,
+                  shift=None, shifted_out=None):
     """Kernel 2: ``out_i = sum_j M_ij (q_i . k_j + a_i + b_j) v_j`` for every chunk at once.
 
     ``q, k: [BH, L, DK]``, ``v: [BH, L, DV]``; ``states`` from :func:`chunk_states` for the
@@ -259,8 +260,11 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
     ``col_offset``). ``out``: where to write the result (a contiguous ``[BH, L, DV]`` tensor
     in ``v``'s dtype), or ``None`` for a new one. ``persistent``: launch a few programs per
     multiprocessor that loop over the chunks (:mod:`.output`) instead of one per chunk; the
-    same sums. See :func:`masked_operator` for the rest.
+    same sums. ``shift`` ``m [BH, DV]`` float32 and ``shifted_out`` (like ``out``): also write
+    ``out + m`` there (:mod:`.centring`). See :func:`masked_operator` for the rest.
     """
+    if (shift is None) != (shifted_out is None):
+        raise ValueError("chunk_outputs takes shift and shifted_out together")
     if row_offset is not None and col_offset is not None:
         raise ValueError("chunk_outputs takes a row offset or a column offset, not both")
     if normalize and not with_den:
@@ -283,10 +287,11 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
         grid = (N, BH)
     _launch_output(
         grid, q, k, v, *(_or_dummy(t, q) for t in (g, offset)), states.S, *(_or_dummy(t, q) for t in states[1:]),
-        _or_dummy(partner, q), out, _or_dummy(den, q), *(dots if dots is not None else (q, q)), L, N, BH,
+        _or_dummy(partner, q), out, _or_dummy(den, q), *(dots if dots is not None else (q, q)),
+        _or_dummy(shift, q), _or_dummy(shifted_out, q), L, N, BH,
         LOWER=lower, UPPER=upper, WITH_DEN=with_den, NORMALIZE=normalize,
         ROW_OFFSET=row_offset is not None, COL_OFFSET=col_offset is not None, SPLIT=partner is not None,
-        TRANSPOSED_STATE=transposed_state, DK=DK, DV=DV, BLOCK_DV=cfg["output_block_dv"],
+        TRANSPOSED_STATE=transposed_state, SHIFTED=shift is not None, DK=DK, DV=DV, BLOCK_DV=cfg["output_block_dv"],
         PERSISTENT=persistent, LOOP_STAGES=cfg["output_loop_stages"], num_warps=cfg["output_warps"],
         num_stages=cfg["output_stages"], **_flags(q, g, chunk_size))
     return out, den, dots

@@ -11,7 +11,9 @@ For position ``i`` of chunk ``n`` (chunk-local sums ``g``, total ``G``) and the 
 attention (the full mask: no diagonal is counted twice, nothing to subtract), ``LOWER``
 alone for causal attention, ``UPPER`` alone for the transposed (causal) operator of the
 backward pass. The normaliser is the same sum with every ``v_j = 1``; ``NORMALIZE`` divides
-by it in the epilogue.
+by it in the epilogue, and ``SHIFTED`` also stores ``out + m`` (the values' shift of
+:mod:`.centring`) to a second tensor: the caller's output, while the first is kept for the
+backward pass.
 
 For the backward pass (book chapter 7, :mod:`.autograd`) the scores may carry a float32
 offset, ``q_i . k_j + a_i`` (``ROW_OFFSET``) or ``q_i . k_j + b_j`` (``COL_OFFSET``), and with
@@ -56,11 +58,11 @@ def _state_share(q, offset, read_scale, S_ptr, u_ptr, w_ptr, at, dk, dv, DK: tl.
 def _chunk_output(
     n, bh, BH,  # chunk n of sequence bh (int64), of BH sequences
     q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr, out_ptr, den_ptr,
-    dot_before_ptr, dot_after_ptr, L, N,
+    dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, L, N,
     LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_DECAY: tl.constexpr, SCALAR_DECAY: tl.constexpr,
     WITH_DEN: tl.constexpr, NORMALIZE: tl.constexpr, ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,
-    SPLIT: tl.constexpr, TRANSPOSED_STATE: tl.constexpr, CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-    BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, TRANSPOSED_STATE: tl.constexpr, SHIFTED: tl.constexpr, CHUNK: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The output of chunk ``n`` of sequence ``bh``, all value columns, a tile of ``BLOCK_DV``
     at a time, so the ``C x C`` scores are computed once. Arguments: :func:`chunk_output_kernel`."""
@@ -155,6 +157,10 @@ def _chunk_output(
         if NORMALIZE:
             out = out / den[:, None]
         tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        if SHIFTED:  # the caller's output: the shift added in float32, then rounded once
+            shift = tl.load(shift_ptr + bh * DV + dv)
+            tl.store(shifted_ptr + out_at, (out + shift[None, :]).to(shifted_ptr.dtype.element_ty),
+                     mask=row_ok[:, None])
 
     if SPLIT:
         tl.store(dot_before_ptr + bh * L + rows, dot_before, mask=row_ok)
@@ -171,6 +177,8 @@ def chunk_output_kernel(
     out_ptr,  # out [BH, L, DV] in v's dtype
     den_ptr,  # normaliser [BH, L] float32 (WITH_DEN)
     dot_before_ptr, dot_after_ptr,  # out: the partner row dots [BH, L] float32 (SPLIT)
+    shift_ptr,  # the values' shift m [BH, DV] float32 (SHIFTED)
+    shifted_ptr,  # out: out + m [BH, L, DV] in v's dtype (SHIFTED)
     L, N, BH,  # sequence length, chunks per sequence, sequences
     LOWER: tl.constexpr,  # keys j < i count (forward state in slot 0)
     UPPER: tl.constexpr,  # keys j > i count (backward state in the next slot)
@@ -181,6 +189,7 @@ def chunk_output_kernel(
     ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,  # scores q_i . k_j + a_i  /  + b_j
     SPLIT: tl.constexpr,  # also compute the partner row dots
     TRANSPOSED_STATE: tl.constexpr,  # the states are stored transposed, [DV, DK] (see _state_share)
+    SHIFTED: tl.constexpr,  # also store out + m (module docstring)
     CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,  # value columns per step of the tile loop
     PRECISION: tl.constexpr,  # float32 inputs: launch.float32_dot_precision; ignored for 16-bit
@@ -198,12 +207,12 @@ def chunk_output_kernel(
         for t in tl.range(tl.program_id(0), N * BH, tl.num_programs(0), num_stages=LOOP_STAGES):
             _chunk_output(t % N, (t // N).to(tl.int64), BH,
                           q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr, out_ptr,
-                          den_ptr, dot_before_ptr, dot_after_ptr, L, N, LOWER, UPPER, HAS_DECAY, SCALAR_DECAY,
-                          WITH_DEN, NORMALIZE, ROW_OFFSET, COL_OFFSET, SPLIT, TRANSPOSED_STATE, CHUNK, DK, DV,
-                          BLOCK_DV, PRECISION)
+                          den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, L, N, LOWER, UPPER,
+                          HAS_DECAY, SCALAR_DECAY, WITH_DEN, NORMALIZE, ROW_OFFSET, COL_OFFSET, SPLIT,
+                          TRANSPOSED_STATE, SHIFTED, CHUNK, DK, DV, BLOCK_DV, PRECISION)
     else:
         _chunk_output(tl.program_id(0), tl.program_id(1).to(tl.int64), BH,
                       q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr, out_ptr,
-                      den_ptr, dot_before_ptr, dot_after_ptr, L, N, LOWER, UPPER, HAS_DECAY, SCALAR_DECAY,
-                      WITH_DEN, NORMALIZE, ROW_OFFSET, COL_OFFSET, SPLIT, TRANSPOSED_STATE, CHUNK, DK, DV,
-                      BLOCK_DV, PRECISION)
+                      den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, L, N, LOWER, UPPER,
+                      HAS_DECAY, SCALAR_DECAY, WITH_DEN, NORMALIZE, ROW_OFFSET, COL_OFFSET, SPLIT, TRANSPOSED_STATE,
+                      SHIFTED, CHUNK, DK, DV, BLOCK_DV, PRECISION)
