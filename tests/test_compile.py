@@ -69,10 +69,11 @@ def test_operators_pass_opcheck(variant, causal, layout):
         q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
     args = (q, k, v, log_decay, causal, True, 16, 16 if DEVICE == "cpu" else 64)
     torch.library.opcheck(torch.ops.lionedu.chunkwise_forward.default, args)
-    y, g, den, S, z, vc, yc = torch.ops.lionedu.chunkwise_forward(*(a.detach() if torch.is_tensor(a) else a
-                                                                    for a in args))
+    y, g, den, S, z, yc, shift = torch.ops.lionedu.chunkwise_forward(*(a.detach() if torch.is_tensor(a) else a
+                                                                       for a in args))
     dy = torch.randn_like(y)
-    backward_args = (dy, q.detach(), k.detach(), vc, g, yc, den, S, z,  # normalised: the centred v and y
+    centred = shift.numel() > 0  # 16-bit values (kernels/centring.py): the backward reads the centred output
+    backward_args = (dy, q.detach(), k.detach(), v.detach(), g, yc if centred else y, den, S, z, shift,
                      None if log_decay is None else log_decay.dtype, causal, True, 16, args[-1], True)
     torch.library.opcheck(torch.ops.lionedu.chunkwise_backward.default, backward_args)
 

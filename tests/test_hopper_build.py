@@ -56,14 +56,15 @@ dtype, d, chunk, stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(s
 pointer = {"bfloat16": "*bf16", "float16": "*fp16"}[dtype]
 pointers = {n: pointer for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "partner_ptr")}
 launches = {  # the backward's three output launches (lionedu/kernels/autograd.py), LION-S, bidirectional
-    "dQ": dict(ROW_OFFSET=True, SPLIT=True, TRANSPOSED_STATE=True),
-    "dK": dict(COL_OFFSET=True, SPLIT=True),
+    "dQ": dict(ROW_OFFSET=True, SPLIT=True, TRANSPOSED_STATE=True, SHIFT=2),
+    "dK": dict(COL_OFFSET=True, SPLIT=True, SHIFT=1),
     "dV": dict(TRANSPOSED_STATE=True),
 }
 result = {}
 for name, flags in launches.items():
     consts = dict(LOWER=True, UPPER=True, HAS_DECAY=True, SCALAR_DECAY=False, WITH_DEN=False, NORMALIZE=False,
-                  ROW_OFFSET=False, COL_OFFSET=False, SPLIT=False, TRANSPOSED_STATE=False, SHIFTED=False, CHUNK=chunk, DK=d, DV=d,
+                  ROW_OFFSET=False, COL_OFFSET=False, SPLIT=False, TRANSPOSED_STATE=False, SHIFT=0, SHIFTED=False,
+                  CHUNK=chunk, DK=d, DV=d,
                   BLOCK_DV=min(d, 64), PRECISION="tf32", PERSISTENT=True, LOOP_STAGES=stages)
     consts.update(flags)
     kernel = compile_for_gpu(chunk_output_kernel, consts, ("L", "N", "BH"), pointers)
@@ -78,10 +79,10 @@ shared = dict(HAS_DECAY=True, SCALAR_DECAY=False, CHUNK=64, DK=64, DV=64, PRECIS
 kernels = {  # the forward's two launches (lionedu/kernels/autograd.py), LION-S, normalised, bidirectional
     "states": (chunk_states_kernel, ("L", "N", "seg_chunks"),
                dict(FIRST_DIRECTION=0, WITH_Z=True, WITH_U=False, WITH_W=False, SEGMENTED=False, BLOCK_DK=64,
-                    BLOCK_DV=64, WEIGHTS_BY_PRODUCT=False)),
+                    BLOCK_DV=64, WEIGHTS_BY_PRODUCT=False, SHIFT_VALUES=True)),
     "output": (chunk_output_kernel, ("L", "N", "BH"),
                dict(LOWER=True, UPPER=True, WITH_DEN=True, NORMALIZE=True, ROW_OFFSET=False, COL_OFFSET=False,
-                    SPLIT=False, TRANSPOSED_STATE=False, SHIFTED=True, BLOCK_DV=64, PERSISTENT=False,
+                    SPLIT=False, TRANSPOSED_STATE=False, SHIFT=3, SHIFTED=True, BLOCK_DV=64, PERSISTENT=False,
                     LOOP_STAGES=1)),
 }
 result = {}
@@ -98,7 +99,8 @@ pointer, sums = sys.argv[1], sys.argv[2]
 dtype = {"*bf16": torch.bfloat16, "*fp16": torch.float16, "*fp32": torch.float32}[pointer]
 consts = dict(FIRST_DIRECTION=0, HAS_DECAY=True, SCALAR_DECAY=False, WITH_Z="z" in sums, WITH_U="u" in sums,
               WITH_W="w" in sums, SEGMENTED=False, CHUNK=64, DK=64, DV=64, BLOCK_DK=64, BLOCK_DV=64,
-              PRECISION="tf32x3" if pointer == "*fp32" else "tf32", WEIGHTS_BY_PRODUCT=weighted_sums_by_product(dtype))
+              PRECISION="tf32x3" if pointer == "*fp32" else "tf32", WEIGHTS_BY_PRODUCT=weighted_sums_by_product(dtype),
+              SHIFT_VALUES=sums == "z")  # the forward's states centre the values (lionedu/kernels/centring.py)
 ttgir = compile_for_gpu(chunk_states_kernel, consts, ("L", "N", "seg_chunks"),
                         dict(k_ptr=pointer, v_ptr=pointer, S_ptr=pointer)).asm["ttgir"]
 dots = ttgir.count("warp_group_dot ") + len(re.findall(r"tt\.dot ", ttgir))  # Hopper's products and mma.sync's
@@ -126,13 +128,12 @@ print(json.dumps(result))
 """
 
 COMPILE_CENTRING = PRELUDE + r"""
-from lionedu.kernels.centring import ROWS, STATS_BLOCKS, centre_kernel, value_stats_kernel
-capability, pointer, bits, limit = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+from lionedu.kernels.centring import ROWS, STATS_BLOCKS, shift_kernel, value_stats_kernel
+capability, pointer, bits, finest, limit = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 stats = compile_for_gpu(value_stats_kernel, dict(DV=64, ROWS=ROWS, BLOCKS=STATS_BLOCKS), ("L",),
                         dict(v_ptr=pointer), capability)
-centre = compile_for_gpu(centre_kernel, dict(DV=64, ROWS=ROWS, BITS=bits, LIMIT=limit), ("L",),
-                         dict(v_ptr=pointer, centred_ptr=pointer), capability)
-print(json.dumps(dict(stats=len(stats.asm["cubin"]), centre=len(centre.asm["cubin"]),
+shift = compile_for_gpu(shift_kernel, dict(DV=64, BITS=bits, FINEST=finest, LIMIT=limit), ("L",), {}, capability)
+print(json.dumps(dict(stats=len(stats.asm["cubin"]), shift=len(shift.asm["cubin"]),
                       atomics=stats.asm["ptx"].count("atom.") + stats.asm["ptx"].count("red."))))
 """
 
@@ -212,8 +213,9 @@ def test_feature_map_kernels_compile(capability, pointer):
 def test_centring_kernels_compile(capability, dtype):
     """The values' shift (lionedu/kernels/centring.py): both kernels compile to machine code for
     an H100/H200 and a T4 in each dtype they take there, the stats kernel with its atomics."""
-    from lionedu.kernels.centring import SIGNIFICANT_BITS
+    from lionedu.kernels.centring import FINEST_SPACING, SIGNIFICANT_BITS
 
     pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    sizes = _compile(COMPILE_CENTRING, capability, pointer, SIGNIFICANT_BITS[dtype], torch.finfo(dtype).max / 2)
-    assert sizes["stats"] > 0 and sizes["centre"] > 0 and sizes["atomics"] >= 2, sizes
+    sizes = _compile(COMPILE_CENTRING, capability, pointer, SIGNIFICANT_BITS[dtype], FINEST_SPACING[dtype],
+                     torch.finfo(dtype).max / 2)
+    assert sizes["stats"] > 0 and sizes["shift"] > 0 and sizes["atomics"] >= 2, sizes

@@ -11,10 +11,11 @@ the full mask (its lower triangle when causal) gives ``N = (Q K^T ⊙ M) V`` and
 normaliser ``c``; ``y = N / c``.
 
 Normalised, the kernels see *centred* values ``V - m`` (``m`` about the mean of each
-sequence's value columns, :mod:`.centring`) and the output gets ``m`` back:
+sequence's value columns, :mod:`.centring`; subtracted as the kernels load the values) and
+the output gets ``m`` back:
 ``y = m + Scale(...)(V - m)`` holds exactly, because each row of the normalised mask sums to one. It changes no gradient
 (``dV`` does not depend on ``V``, and ``m`` adds nothing to the others) but it keeps them
-accurate in 16 bits: every cancellation of the backward pass (``dN_i . v_j + dc_i`` below) is
+accurate: every cancellation of the backward pass (``dN_i . v_j + dc_i`` below) is
 then between small numbers instead of values' common part, which bfloat16 states, ``dN`` and
 ``y`` would round away (book chapter 8, section 10).
 
@@ -48,7 +49,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .centring import centre_values
+from .centring import centred_copy, value_shift
 from .decay_gradient import decay_gradient
 from .launch import States, chunk_outputs, chunk_states, next_power_of_2, padded_chunk_sums, persistent_outputs
 from .normaliser import normaliser_gradient
@@ -79,11 +80,12 @@ def _unflatten(t, B: int, H: int, d: int):
 
 class Saved(NamedTuple):
     """What the backward pass needs from the forward: the flattened, padded inputs
-    ``q, k [BH, L, D']``, ``v [BH, L, Dv']`` (centred when normalised), the chunk sums of the
-    log decays ``g`` (``None`` for LIT), the padded output ``y [B, H, L, Dv']`` (zero past
-    ``Dv``; the centred output ``y - m`` when normalised), the normaliser
+    ``q, k [BH, L, D']``, ``v [BH, L, Dv']``, the chunk sums of the log decays ``g`` (``None``
+    for LIT), the padded output ``y [B, H, L, Dv']`` (zero past ``Dv``; the centred output
+    ``y - m`` when normalised), the normaliser
     ``den [BH, L]`` and the forward's states ``S`` and key sums ``z`` (:class:`.launch.States`;
-    ``den`` and ``z`` are ``None`` unnormalised)."""
+    ``den`` and ``z`` are ``None`` unnormalised) and the values' shift ``m [BH, Dv']`` float32
+    (``None`` unnormalised)."""
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
@@ -92,6 +94,7 @@ class Saved(NamedTuple):
     den: Optional[torch.Tensor]
     S: torch.Tensor
     z: Optional[torch.Tensor]
+    shift: Optional[torch.Tensor]
 
 
 def chunk_log_decay_sums(log_decay, B: int, H: int, L: int, chunk_size: int):
@@ -109,22 +112,21 @@ def attention_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_s
     B, H, L, D = q.shape
     Dv = v.shape[-1]
     q_, k_, v_ = (_flatten(t, least) for t in (q, k, v))  # [BH, L, D'], [BH, L, D'], [BH, L, Dv']
-    if normalize:
-        v_, shift = centre_values(v_)  # [BH, L, Dv'] centred, [BH, Dv'] float32
+    shift = value_shift(v_) if normalize else None  # [BH, Dv'] float32
     g = chunk_log_decay_sums(log_decay, B, H, L, chunk_size)
     opts = dict(lower=True, upper=not causal, chunk_size=chunk_size)
-    states = chunk_states(k_, v_, g, with_z=normalize, **opts)
+    states = chunk_states(k_, v_, g, with_z=normalize, shift=shift, **opts)
     # The output is written straight into a [B, H, L, Dv'] tensor: an autograd.Function must not
     # return a view of something it made (autograd forbids in-place changes to those).
     y = torch.empty(B, H, L, v_.shape[-1], device=v.device, dtype=v.dtype)
     # Normalised, the kernel writes the centred output (saved) and, shifted back, the caller's.
-    y_out = torch.empty_like(y) if normalize else y
-    shifted = dict(shift=shift, shifted_out=y_out.view(B * H, L, -1)) if normalize else {}
+    y_out = y if shift is None else torch.empty_like(y)
     _, den, _ = chunk_outputs(q_, k_, v_, g, states, with_den=normalize, normalize=normalize,
-                              out=y.view(B * H, L, -1), **shifted, **opts)
+                              out=y.view(B * H, L, -1), shift=shift,
+                              shifted_out=None if shift is None else y_out.view(B * H, L, -1), **opts)
     # y itself is saved, not a view of it: a view made here (no grad mode) would turn a caller's
     # in-place change of the output into an obscure error instead of autograd's version check
-    saved = Saved(q_, k_, v_, g, y, den, states.S, states.z)
+    saved = Saved(q_, k_, v_, g, y, den, states.S, states.z, shift)
     return (y_out if y_out.shape[-1] == Dv else y_out[..., :Dv].clone()), saved
 
 
@@ -133,7 +135,7 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
     """``(dq, dk, dv, d_log_decay)`` for the output gradient ``dy [B, H, L, Dv]``; ``shape`` is
     ``(B, H, D, Dv)``, ``decay_dtype`` the dtype of the caller's ``log_decay`` (``None`` for
     LIT); ``d_log_decay`` (shaped like ``log_decay``) is ``None`` unless ``want_decay``."""
-    q, k, v, g, y, den, S, z = saved
+    q, k, v, g, y, den, S, z, shift = saved
     B, H, D, Dv = shape
     dy = _flatten(dy.to(v.dtype), least)
     if normalize:
@@ -148,13 +150,22 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
     # The output launches' grid (launch.persistent_outputs): v is [BH, L, Dv'], q and k [BH, L, D'].
     persistent = persistent_outputs(v.dtype, k.shape[-1], v.shape[-1], chunk_size, g is not None)
 
-    # dQ = A(dN, V, K) + row offset dc: the forward's states, read transposed.
+    # dQ = A(dN, V, K) + row offset dc: the forward's states, read transposed (and V centred as
+    # loaded, as in the forward, where normalised).
     dq, _, r = chunk_outputs(dn, v, k, g, States(S, u=z), row_offset=dc, transposed_state=True,
-                             partner=q if want_decay else None, persistent=persistent, **plain)
-    # dK = A(V, dN, Q) + column offset dc: one new pass of states (keys dN, values Q) ...
+                             partner=q if want_decay else None, persistent=persistent, shift=shift, shifted="k",
+                             **plain)
+    # dK = A(V, dN, Q) + column offset dc (V centred likewise): one new pass of states (keys dN,
+    # values Q) ...
     states = chunk_states(dn, q, g, col_offset=dc, **flipped)
-    dk, _, c = chunk_outputs(v, dn, q, g, states, col_offset=dc, partner=k if want_decay else None,
-                             persistent=persistent, **flipped)
+    v_dk, shift_dk = v, shift
+    if shift is not None and v.dtype == torch.float32 and max(q.shape[-1], v.shape[-1]) > 128:
+        # The centred queries are a second copy of the tile in shared memory: float32 heads
+        # wider than 128 would need 256 KiB there, more than an H100 / H200 block has. So this
+        # launch reads a centred copy of V instead (a read and a write of V more).
+        v_dk, shift_dk = centred_copy(v, shift), None
+    dk, _, c = chunk_outputs(v_dk, dn, q, g, states, col_offset=dc, partner=k if want_decay else None,
+                             persistent=persistent, shift=shift_dk, shifted="q", **flipped)
     # ... which dV = A(K, Q, dN) reads transposed.
     dv, _, _ = chunk_outputs(k, q, dn, g, States(states.S), transposed_state=True, persistent=persistent,
                              **flipped)

@@ -3,9 +3,11 @@
 Each row of the normalised mask sums to one, so for any constant ``m`` per sequence and value
 column, ``Scale(Q K^T ⊙ M) V = m + Scale(Q K^T ⊙ M) (V - m)``. The kernels compute with the
 centred values ``V - m``: without that, when the values share a large common part, the
-backward pass's cancellations (``dN_i . v_j + dc_i``, :mod:`.autograd`) happen between 16-bit
-numbers that carry the common part, and the gradients of ``q``, ``k`` and the decays lose
-most of their digits.
+backward pass's cancellations (``dN_i . v_j + dc_i``, :mod:`.autograd`) happen between
+numbers that carry the common part and were stored in the inputs' dtype (the states between
+chunks, ``dN``, the saved output), and the gradients of ``q``, ``k`` and the decays lose most
+of their digits: with values ``1 + 0.02 u`` at L = 4096, bfloat16's dq missed by 1.3 to 23
+relative, float32's by up to 2e-3 (dev runs §41).
 
 ``m`` is each sequence's mean value per column, moved to the nearest multiple of the spacing
 of the dtype's numbers at the column's largest ``|v|`` (``2^(e - p + 1)`` for ``2^e <=
@@ -18,7 +20,9 @@ outputs are close to their small mean).
 
 Two kernels: :func:`value_stats_kernel` sums each column and finds its largest ``|v|``
 (a grid over rows as well as sequences, joined with atomic adds and maxima, so that a few
-sequences still fill the GPU); :func:`centre_kernel` writes ``v - m`` and ``m``.
+sequences still fill the GPU); :func:`shift_kernel` turns those into ``m``. The centred values
+are never stored: the states and output kernels subtract ``m`` as they load the values (a
+stored copy took a read and a write of ``V`` more, +22 µs of the forward's 140 at L = 4096).
 """
 from __future__ import annotations
 
@@ -27,15 +31,17 @@ import triton
 import triton.language as tl
 
 from .fast_launch import Launcher
-from .launch import ceil_div
 
-__all__ = ["centre_values", "SIGNIFICANT_BITS"]
+__all__ = ["value_shift", "shifted_rows", "centred_copy", "SIGNIFICANT_BITS", "FINEST_SPACING"]
 
-ROWS = 32  # rows per block of either kernel
-STATS_BLOCKS = 8  # blocks per program of the stats kernel (256 rows)
+ROWS = 32  # rows per block of the stats kernel
+STATS_BLOCKS = 16  # blocks per program of the stats kernel (512 rows)
 
-# Significant bits (the leading one included) of each dtype the kernels take.
+# Significant bits (the leading one included) of each dtype the kernels take, and the log2 of
+# the finest spacing the shift may have: float16's subnormals are 2^-24 apart; for bfloat16
+# and float32, 2^-126 (the smallest normal float32) is fine enough.
 SIGNIFICANT_BITS = {torch.float32: 24, torch.bfloat16: 8, torch.float16: 11}
+FINEST_SPACING = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -24}
 
 
 @triton.jit
@@ -48,70 +54,82 @@ def value_stats_kernel(
     bh = tl.program_id(1).to(tl.int64)
     first = tl.program_id(0) * (ROWS * BLOCKS)  # this program's first row
     cols = tl.arange(0, DV)
-    total = tl.zeros([DV], dtype=tl.float32)
-    largest = tl.zeros([DV], dtype=tl.float32)
+    # Element-wise running sums and maxima of the blocks, reduced over rows once at the end:
+    # the loop is loads and adds only, so the loads of the next blocks can be in flight
+    # (a reduction in every step made it three times slower on the H200, dev runs §41).
+    total = tl.zeros([ROWS, DV], dtype=tl.float32)
+    largest = tl.zeros([ROWS, DV], dtype=tl.float32)
     for block in range(BLOCKS):
         rows = first + block * ROWS + tl.arange(0, ROWS)
         x = tl.load(v_ptr + (bh * L + rows[:, None]) * DV + cols[None, :], mask=(rows < L)[:, None], other=0.0)
         x = x.to(tl.float32)
-        total += tl.sum(x, axis=0)
-        largest = tl.maximum(largest, tl.max(tl.abs(x), axis=0))
+        total += x
+        largest = tl.maximum(largest, tl.abs(x))
     # Programs of one sequence meet here: the sums add up, the maxima are kept (all >= 0).
-    tl.atomic_add(stats_ptr + bh * 2 * DV + cols, total)
-    tl.atomic_max(stats_ptr + (bh * 2 + 1) * DV + cols, largest)
+    tl.atomic_add(stats_ptr + bh * 2 * DV + cols, tl.sum(total, axis=0))
+    tl.atomic_max(stats_ptr + (bh * 2 + 1) * DV + cols, tl.max(largest, axis=0))
 
 
 @triton.jit
-def _shift(stats_ptr, bh, L, cols, DV: tl.constexpr, BITS: tl.constexpr, LIMIT: tl.constexpr):
+def _shift(stats_ptr, bh, L, cols, DV: tl.constexpr, BITS: tl.constexpr, FINEST: tl.constexpr,
+           LIMIT: tl.constexpr):
     """Each column's shift ``m`` ``[DV]`` float32: the mean on the grid of the dtype's numbers
     at the column's largest ``|v|`` (module docstring)."""
     mean = tl.load(stats_ptr + bh * 2 * DV + cols) / L
     largest = tl.load(stats_ptr + (bh * 2 + 1) * DV + cols)
     # The biased exponent of `largest` (float32 bits 23-30): floor(log2 |v|) + 127, exactly.
     exponent = (largest.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    # The spacing 2^(e - BITS + 1), written straight into a float32's exponent bits (kept >= 1:
-    # the smallest normal float32, for columns of tiny values).
-    spacing = (tl.maximum(exponent - (BITS - 1), 1) << 23).to(tl.float32, bitcast=True)
+    # The spacing 2^(e - BITS + 1), written straight into a float32's exponent bits, at least
+    # 2^FINEST (columns of tiny values: the dtype's subnormals have that spacing).
+    spacing = (tl.maximum(exponent - (BITS - 1), FINEST + 127) << 23).to(tl.float32, bitcast=True)
     m = tl.floor(mean / spacing + 0.5) * spacing
     # No shift for an all-zero column, nor where v - m could overflow the dtype.
     return tl.where((largest > 0) & (largest <= LIMIT), m, 0.0)
 
 
 @triton.jit
-def centre_kernel(
-    v_ptr,  # values [BH, L, DV], contiguous
+def shift_kernel(
     stats_ptr,  # [BH, 2, DV] float32 from value_stats_kernel
-    centred_ptr,  # out: v - m [BH, L, DV] in v's dtype
     shift_ptr,  # out: m [BH, DV] float32
     L,
-    DV: tl.constexpr, ROWS: tl.constexpr,
-    BITS: tl.constexpr,  # significant bits of v's dtype
+    DV: tl.constexpr,
+    BITS: tl.constexpr,  # significant bits of the values' dtype
+    FINEST: tl.constexpr,  # log2 of the finest spacing allowed (FINEST_SPACING)
     LIMIT: tl.constexpr,  # half the dtype's largest number: columns past it are not shifted
 ):
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, DV)
-    shift = _shift(stats_ptr, bh, L, cols, DV, BITS, LIMIT)  # every program works it out: DV numbers
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    at = (bh * L + rows[:, None]) * DV + cols[None, :]
-    x = tl.load(v_ptr + at, mask=(rows < L)[:, None], other=0.0).to(tl.float32)
-    tl.store(centred_ptr + at, (x - shift[None, :]).to(centred_ptr.dtype.element_ty), mask=(rows < L)[:, None])
-    if tl.program_id(0) == 0:
-        tl.store(shift_ptr + bh * DV + cols, shift)
+    tl.store(shift_ptr + bh * DV + cols, _shift(stats_ptr, bh, L, cols, DV, BITS, FINEST, LIMIT))
+
+
+@triton.jit
+def shifted_rows(x, shift_ptrs, row_ok):
+    """Loaded rows ``x [R, W]`` less the shift at ``shift_ptrs [W]``, in ``x``'s dtype: the
+    difference is exact in float32, then rounded once. Rows past the sequence (``row_ok``
+    False) stay 0, as the kernels' masked loads leave them."""
+    shift = tl.load(shift_ptrs)
+    return tl.where(row_ok[:, None], x.to(tl.float32) - shift[None, :], 0.0).to(x.dtype)
 
 
 _launch_stats = Launcher(value_stats_kernel)
-_launch_centre = Launcher(centre_kernel)
+_launch_shift = Launcher(shift_kernel)
 
 
-def centre_values(v: torch.Tensor):
-    """``(v - m, m)`` for values ``v [BH, L, DV]`` (contiguous, ``DV`` a power of two):
-    the centred values in ``v``'s dtype and the shift ``m [BH, DV]`` float32 (module docstring)."""
+def value_shift(v: torch.Tensor) -> torch.Tensor:
+    """The shift ``m [BH, DV]`` float32 for values ``v [BH, L, DV]`` (contiguous, ``DV`` a power
+    of two): module docstring. The kernels subtract it as they load the values
+    (``(v - m)`` in float32, rounded to ``v``'s dtype: exact wherever it stays in ``v``'s binade)."""
     BH, L, DV = v.shape
     stats = torch.zeros(BH, 2, DV, device=v.device, dtype=torch.float32)
-    _launch_stats((ceil_div(L, ROWS * STATS_BLOCKS), BH), v, stats, L, DV=DV, ROWS=ROWS, BLOCKS=STATS_BLOCKS,
-                  num_warps=4, num_stages=2)
-    centred = torch.empty_like(v)
+    _launch_stats((-(-L // (ROWS * STATS_BLOCKS)), BH), v, stats, L, DV=DV, ROWS=ROWS, BLOCKS=STATS_BLOCKS,
+                  num_warps=4 if DV <= 64 else 8, num_stages=2)
     shift = torch.empty(BH, DV, device=v.device, dtype=torch.float32)
-    _launch_centre((ceil_div(L, ROWS), BH), v, stats, centred, shift, L, DV=DV, ROWS=ROWS,
-                   BITS=SIGNIFICANT_BITS[v.dtype], LIMIT=torch.finfo(v.dtype).max / 2, num_warps=4, num_stages=2)
-    return centred, shift
+    _launch_shift((BH,), stats, shift, L, DV=DV, BITS=SIGNIFICANT_BITS[v.dtype], FINEST=FINEST_SPACING[v.dtype],
+                  LIMIT=torch.finfo(v.dtype).max / 2, num_warps=1 if DV <= 64 else 2, num_stages=1)
+    return shift
+
+
+def centred_copy(v: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``v - m`` as a tensor, for a launch that cannot centre as it loads (:mod:`.autograd`):
+    the same arithmetic as :func:`shifted_rows` (float32 difference, rounded once)."""
+    return (v.float() - shift[:, None, :]).to(v.dtype)

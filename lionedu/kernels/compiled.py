@@ -4,8 +4,8 @@
 into the kernels' Python glue, so :func:`lionedu.kernels.chunkwise` hands it two opaque
 operators instead of :class:`.autograd.ChunkwiseAttention`:
 
-- ``lionedu::chunkwise_forward(q, k, v, log_decay, ...) -> (y, g, den, S, z, vc, yc)``,
-- ``lionedu::chunkwise_backward(dy, q, k, v, g, y, den, S, z, ...) -> (dq, dk, dv, d_log_decay)``,
+- ``lionedu::chunkwise_forward(q, k, v, log_decay, ...) -> (y, g, den, S, z, yc, shift)``,
+- ``lionedu::chunkwise_backward(dy, q, k, v, g, y, den, S, z, shift, ...) -> (dq, dk, dv, d_log_decay)``,
 
 joined by ``torch.library.register_autograd``. Both run the same two passes as the
 ``autograd.Function`` (:func:`.autograd.attention_forward`, :func:`.autograd.attention_backward`).
@@ -16,9 +16,8 @@ launches, can then be captured in a CUDA graph (``mode="reduce-overhead"``).
 Custom operators may not return ``None``, nor a tensor that shares memory with an input or
 another output, so the optional outputs come back as empty tensors and the backward pass
 rebuilds the flattened, padded inputs from ``q, k, v, y`` (a view where no padding was
-needed) instead of receiving them; normalised, the forward also returns the centred values and
-output ``vc, yc`` (:func:`.autograd.centre_values`), which the backward receives in place of
-``v`` and ``y``.
+needed) instead of receiving them; normalised, the forward also returns the centred output
+``yc`` (:mod:`.centring`), which the backward receives in place of ``y``, and the values' shift.
 """
 from __future__ import annotations
 
@@ -47,8 +46,9 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optio
                                                                     torch.Tensor, torch.Tensor, torch.Tensor,
                                                                     torch.Tensor]:
     y, saved = attention_forward(q, k, v, log_decay, causal, normalize, chunk_size, least)
-    centred = (saved.v, saved.y) if normalize else (y.new_empty(0), y.new_empty(0))
-    return (y, _or_empty(saved.g, y), _or_empty(saved.den, y), saved.S, _or_empty(saved.z, y), *centred)
+    centred = y.new_empty(0) if saved.shift is None else saved.y  # (y itself may not be returned twice)
+    return (y, _or_empty(saved.g, y), _or_empty(saved.den, y), saved.S, _or_empty(saved.z, y), centred,
+            _or_empty(saved.shift, y))
 
 
 @_forward.register_fake
@@ -65,25 +65,23 @@ def _(q, k, v, log_decay, causal, normalize, chunk_size, least):
         g = q.new_empty(B * H, N * chunk_size, **f32)
     den = q.new_empty(B * H, L, **f32) if normalize else q.new_empty(0)
     z = q.new_empty(slots, B * H, N, dk, **f32) if normalize else q.new_empty(0)
-    vc = v.new_empty(B * H, L, dv) if normalize else v.new_empty(0)
     yc = v.new_empty(B, H, L, dv) if normalize else v.new_empty(0)
-    return v.new_empty(B, H, L, v.shape[-1]), g, den, k.new_empty(slots, B * H, N, dk, dv), z, vc, yc
+    shift = q.new_empty(B * H, dv, **f32) if normalize else q.new_empty(0)
+    return v.new_empty(B, H, L, v.shape[-1]), g, den, k.new_empty(slots, B * H, N, dk, dv), z, yc, shift
 
 
 @torch.library.custom_op("lionedu::chunkwise_backward", mutates_args=())
 def _backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, y: torch.Tensor,
-              den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, decay_dtype: Optional[torch.dtype], causal: bool,
-              normalize: bool, chunk_size: int, least: int, want_decay: bool) -> List[torch.Tensor]:
-    """``v, y``: the caller's values and output, or (normalised) the centred ``vc [BH, L, Dv']``
-    and ``yc [B, H, L, Dv']`` that the forward returned."""
-    if normalize:
-        v_flat, y_padded = v, y
-    else:
-        v_flat = _flatten(v, least)
-        y_padded = _flatten(y, least).view(*y.shape[:3], -1)  # [B, H, L, Dv'], zero past Dv
-    saved = Saved(_flatten(q, least), _flatten(k, least), v_flat, _or_none(g), y_padded, _or_none(den), S,
-                  _or_none(z))
-    shape = (*q.shape[:2], q.shape[-1], dy.shape[-1])
+              den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, shift: torch.Tensor,
+              decay_dtype: Optional[torch.dtype], causal: bool, normalize: bool, chunk_size: int, least: int,
+              want_decay: bool) -> List[torch.Tensor]:
+    """``y``: the caller's output, or (normalised) the centred ``yc [B, H, L, Dv']`` that the
+    forward returned, with its ``shift``."""
+    # [B, H, L, Dv'], zero past Dv
+    y_padded = _flatten(y, least).view(*y.shape[:3], -1) if shift.numel() == 0 else y
+    saved = Saved(*(_flatten(t, least) for t in (q, k, v)), _or_none(g), y_padded, _or_none(den), S, _or_none(z),
+                  _or_none(shift))
+    shape = (*q.shape[:2], q.shape[-1], v.shape[-1])
     grads = attention_backward(dy, saved, shape, decay_dtype, causal, normalize, chunk_size, least, want_decay)
     # contiguous: where a head dim was padded the gradient is a view of a wider tensor, and an
     # operator's outputs must have the strides its fake implementation promises
@@ -91,7 +89,7 @@ def _backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
 
 @_backward.register_fake
-def _(dy, q, k, v, g, y, den, S, z, decay_dtype, causal, normalize, chunk_size, least, want_decay):
+def _(dy, q, k, v, g, y, den, S, z, shift, decay_dtype, causal, normalize, chunk_size, least, want_decay):
     B, H = q.shape[:2]
     if not want_decay or g.numel() == 0:
         d_log_decay = q.new_empty(0)
@@ -100,22 +98,20 @@ def _(dy, q, k, v, g, y, den, S, z, decay_dtype, causal, normalize, chunk_size, 
     else:
         d_log_decay = q.new_empty(B, H, q.shape[2], dtype=decay_dtype)
     # contiguous whatever the inputs' strides (as the real operator returns them)
-    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(dy.shape), d_log_decay]
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_log_decay]
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, log_decay, causal, normalize, chunk_size, least = inputs
-    y, g, den, S, z, vc, yc = output
-    if normalize:  # the backward reads the centred values and output
-        v, y = vc, yc
-    ctx.save_for_backward(q, k, v, g, y, den, S, z)
+    y, g, den, S, z, yc, shift = output
+    ctx.save_for_backward(q, k, v, g, y if shift.numel() == 0 else yc, den, S, z, shift)  # centred: its output
     ctx.options = dict(decay_dtype=None if log_decay is None else log_decay.dtype, causal=causal,
                        normalize=normalize, chunk_size=chunk_size, least=least)
 
 
 def _autograd_backward(ctx, dy, *_unused):
-    q, k, v, g, y, den, S, z = ctx.saved_tensors
-    dq, dk, dv, d_log_decay = _backward(dy.contiguous(), q, k, v, g, y, den, S, z,
+    q, k, v, g, y, den, S, z, shift = ctx.saved_tensors
+    dq, dk, dv, d_log_decay = _backward(dy.contiguous(), q, k, v, g, y, den, S, z, shift,
                                         want_decay=ctx.needs_input_grad[3], **ctx.options)
     return dq, dk, dv, _or_none(d_log_decay), None, None, None, None
 

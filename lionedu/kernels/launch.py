@@ -207,12 +207,13 @@ def _flags(q, g, chunk_size):
 
 
 def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: bool = False,
-                 with_u: bool = False, col_offset=None) -> States:
+                 with_u: bool = False, col_offset=None, shift=None) -> States:
     """Kernel 1: the states every chunk reads, for keys ``k [BH, L, DK]`` and values ``v [BH, L, DV]``.
 
     ``lower`` / ``upper`` ask for the forward states (keys before each chunk) and the
     backward states (keys after it); ``with_z``, ``with_u`` and ``col_offset`` (``b [BH, L]``
-    float32) for the key sums, value sums and offset-weighted value sums.
+    float32) for the key sums, value sums and offset-weighted value sums; ``shift``
+    ``m [BH, DV]`` float32: the states of the centred values ``v - m`` (:mod:`.centring`).
     """
     if not (lower or upper):
         raise ValueError("chunk_states needs lower, upper or both")
@@ -238,7 +239,8 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
     _launch_states(
         (BH, (DK // cfg["states_block_dk"]) * (DV // cfg["states_block_dv"]), slots * segments),
         k, v, _or_dummy(g, k), _or_dummy(col_offset, k), st.S, *(_or_dummy(t, k) for t in st[1:]),
-        _or_dummy(ends, k), _or_dummy(gamma, k), L, N, seg_chunks, SEGMENTED=segments > 1, **switches,
+        _or_dummy(ends, k), _or_dummy(gamma, k), _or_dummy(shift, k), L, N, seg_chunks, SEGMENTED=segments > 1,
+        SHIFT_VALUES=shift is not None, **switches,
         BLOCK_DK=cfg["states_block_dk"], BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"],
         num_stages=cfg["states_stages"], WEIGHTS_BY_PRODUCT=weighted_sums_by_product(v.dtype), **_flags(k, g, chunk_size))
     if segments > 1:
@@ -251,7 +253,7 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
 def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk_size: int,
                   normalize: bool = False, with_den: bool = False, row_offset=None, col_offset=None,
                   partner=None, transposed_state: bool = False, out=None, persistent: bool = False,
-                  shift=None, shifted_out=None):
+                  shift=None, shifted: str = "v", shifted_out=None):
     """Kernel 2: ``out_i = sum_j M_ij (q_i . k_j + a_i + b_j) v_j`` for every chunk at once.
 
     ``q, k: [BH, L, DK]``, ``v: [BH, L, DV]``; ``states`` from :func:`chunk_states` for the
@@ -260,11 +262,13 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
     ``col_offset``). ``out``: where to write the result (a contiguous ``[BH, L, DV]`` tensor
     in ``v``'s dtype), or ``None`` for a new one. ``persistent``: launch a few programs per
     multiprocessor that loop over the chunks (:mod:`.output`) instead of one per chunk; the
-    same sums. ``shift`` ``m [BH, DV]`` float32 and ``shifted_out`` (like ``out``): also write
-    ``out + m`` there (:mod:`.centring`). See :func:`masked_operator` for the rest.
+    same sums. ``shift``: the values' shift ``m`` float32, ``[BH, width]`` of the input named by
+    ``shifted`` (``"q"``, ``"k"`` or ``"v"``), which the kernel centres as it loads it
+    (:mod:`.centring`); ``shifted_out`` (like ``out``, with ``shifted="v"``): also write
+    ``out + m`` there. See :func:`masked_operator` for the rest.
     """
-    if (shift is None) != (shifted_out is None):
-        raise ValueError("chunk_outputs takes shift and shifted_out together")
+    if shifted_out is not None and (shift is None or shifted != "v"):
+        raise ValueError("shifted_out needs the values' shift (shift, shifted='v')")
     if row_offset is not None and col_offset is not None:
         raise ValueError("chunk_outputs takes a row offset or a column offset, not both")
     if normalize and not with_den:
@@ -291,7 +295,8 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
         _or_dummy(shift, q), _or_dummy(shifted_out, q), L, N, BH,
         LOWER=lower, UPPER=upper, WITH_DEN=with_den, NORMALIZE=normalize,
         ROW_OFFSET=row_offset is not None, COL_OFFSET=col_offset is not None, SPLIT=partner is not None,
-        TRANSPOSED_STATE=transposed_state, SHIFTED=shift is not None, DK=DK, DV=DV, BLOCK_DV=cfg["output_block_dv"],
+        TRANSPOSED_STATE=transposed_state, SHIFT=0 if shift is None else ("q", "k", "v").index(shifted) + 1,
+        SHIFTED=shifted_out is not None, DK=DK, DV=DV, BLOCK_DV=cfg["output_block_dv"],
         PERSISTENT=persistent, LOOP_STAGES=cfg["output_loop_stages"], num_warps=cfg["output_warps"],
         num_stages=cfg["output_stages"], **_flags(q, g, chunk_size))
     return out, den, dots

@@ -11,9 +11,13 @@ For position ``i`` of chunk ``n`` (chunk-local sums ``g``, total ``G``) and the 
 attention (the full mask: no diagonal is counted twice, nothing to subtract), ``LOWER``
 alone for causal attention, ``UPPER`` alone for the transposed (causal) operator of the
 backward pass. The normaliser is the same sum with every ``v_j = 1``; ``NORMALIZE`` divides
-by it in the epilogue, and ``SHIFTED`` also stores ``out + m`` (the values' shift of
-:mod:`.centring`) to a second tensor: the caller's output, while the first is kept for the
-backward pass.
+by it in the epilogue.
+
+Normalised attention runs on centred values (:mod:`.centring`): ``SHIFT`` names the input
+that holds them, as loaded less the shift ``m`` (the values in the forward pass; in the
+backward's operators, where the values play the keys or the queries, those), and ``SHIFTED``
+also stores ``out + m`` to a second tensor: the caller's output, while the first, centred, is
+kept for the backward pass.
 
 For the backward pass (book chapter 7, :mod:`.autograd`) the scores may carry a float32
 offset, ``q_i . k_j + a_i`` (``ROW_OFFSET``) or ``q_i . k_j + b_j`` (``COL_OFFSET``), and with
@@ -30,6 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .centring import shifted_rows
 from .decays import chunk_log_decays
 
 
@@ -61,7 +66,7 @@ def _chunk_output(
     dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, L, N,
     LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_DECAY: tl.constexpr, SCALAR_DECAY: tl.constexpr,
     WITH_DEN: tl.constexpr, NORMALIZE: tl.constexpr, ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,
-    SPLIT: tl.constexpr, TRANSPOSED_STATE: tl.constexpr, SHIFTED: tl.constexpr, CHUNK: tl.constexpr,
+    SPLIT: tl.constexpr, TRANSPOSED_STATE: tl.constexpr, SHIFT: tl.constexpr, SHIFTED: tl.constexpr, CHUNK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The output of chunk ``n`` of sequence ``bh``, all value columns, a tile of ``BLOCK_DV``
@@ -74,6 +79,10 @@ def _chunk_output(
     # ---- Load the chunk: Q_n, K_n [C, DK] ------------------------------------------------------
     q = tl.load(q_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
     k = tl.load(k_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
+    if SHIFT == 1:  # the queries are the centred values (dK's operator)
+        q = shifted_rows(q, shift_ptr + bh * DK + dk, row_ok)
+    if SHIFT == 2:  # the keys are (dQ's operator)
+        k = shifted_rows(k, shift_ptr + bh * DK + dk, row_ok)
 
     # ---- Scores of the C x C block, with the optional float32 offset ------------------------
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [C, C] float32
@@ -131,6 +140,8 @@ def _chunk_output(
         dv = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
         out_at = (bh * L + rows[:, None]) * DV + dv[None, :]
         v = tl.load(v_ptr + out_at, mask=row_ok[:, None], other=0.0)  # V_n [C, BLOCK_DV]
+        if SHIFT == 3:  # the values are (the forward)
+            v = shifted_rows(v, shift_ptr + bh * DV + dv, row_ok)
 
         # Intra-chunk part W V_n, then the states' shares (keys before / after the chunk).
         if SPLIT:
@@ -177,7 +188,7 @@ def chunk_output_kernel(
     out_ptr,  # out [BH, L, DV] in v's dtype
     den_ptr,  # normaliser [BH, L] float32 (WITH_DEN)
     dot_before_ptr, dot_after_ptr,  # out: the partner row dots [BH, L] float32 (SPLIT)
-    shift_ptr,  # the values' shift m [BH, DV] float32 (SHIFTED)
+    shift_ptr,  # the values' shift m [BH, width of the input it shifts] float32 (SHIFT)
     shifted_ptr,  # out: out + m [BH, L, DV] in v's dtype (SHIFTED)
     L, N, BH,  # sequence length, chunks per sequence, sequences
     LOWER: tl.constexpr,  # keys j < i count (forward state in slot 0)
@@ -189,7 +200,8 @@ def chunk_output_kernel(
     ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,  # scores q_i . k_j + a_i  /  + b_j
     SPLIT: tl.constexpr,  # also compute the partner row dots
     TRANSPOSED_STATE: tl.constexpr,  # the states are stored transposed, [DV, DK] (see _state_share)
-    SHIFTED: tl.constexpr,  # also store out + m (module docstring)
+    SHIFT: tl.constexpr,  # which input is centred as loaded: 0 none, 1 q, 2 k, 3 v (module docstring)
+    SHIFTED: tl.constexpr,  # also store out + m (SHIFT == 3)
     CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,  # value columns per step of the tile loop
     PRECISION: tl.constexpr,  # float32 inputs: launch.float32_dot_precision; ignored for 16-bit
@@ -209,10 +221,10 @@ def chunk_output_kernel(
                           q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr, out_ptr,
                           den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, L, N, LOWER, UPPER,
                           HAS_DECAY, SCALAR_DECAY, WITH_DEN, NORMALIZE, ROW_OFFSET, COL_OFFSET, SPLIT,
-                          TRANSPOSED_STATE, SHIFTED, CHUNK, DK, DV, BLOCK_DV, PRECISION)
+                          TRANSPOSED_STATE, SHIFT, SHIFTED, CHUNK, DK, DV, BLOCK_DV, PRECISION)
     else:
         _chunk_output(tl.program_id(0), tl.program_id(1).to(tl.int64), BH,
                       q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr, out_ptr,
                       den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, L, N, LOWER, UPPER,
                       HAS_DECAY, SCALAR_DECAY, WITH_DEN, NORMALIZE, ROW_OFFSET, COL_OFFSET, SPLIT, TRANSPOSED_STATE,
-                      SHIFTED, CHUNK, DK, DV, BLOCK_DV, PRECISION)
+                      SHIFT, SHIFTED, CHUNK, DK, DV, BLOCK_DV, PRECISION)

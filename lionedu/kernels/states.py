@@ -22,12 +22,15 @@ Three vectors ride along when the caller needs them:
 ``z = sum_j (decay) k_j`` (the state of an all-ones value column: the normaliser),
 ``u = sum_j (decay) v_j`` (for scores with a row offset ``a_i``) and
 ``w = sum_j (decay) b_j v_j`` (for scores with a column offset ``b_j``).
+
+With ``SHIFT_VALUES`` the values are centred as they are loaded, ``v_j - m`` (:mod:`.centring`).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+from .centring import shifted_rows
 from .decays import chunk_log_decays
 
 
@@ -77,6 +80,7 @@ def chunk_states_kernel(
     z_ptr, u_ptr, w_ptr,  # out: [slots, BH, N, DK], [slots, BH, N, DV], [slots, BH, N, DV] float32
     ends_ptr,  # out (SEGMENTED): each segment's end record [slots, BH, P, RECORD] float32 (carries.py)
     gamma_ptr,  # out (SEGMENTED with decays): log decay from each chunk to its segment's edge [slots, BH, N]
+    shift_ptr,  # the values' shift m [BH, DV] float32 (SHIFT_VALUES)
     L, N,  # sequence length, number of chunks
     seg_chunks,  # chunks per segment (N when the walk is not split)
     FIRST_DIRECTION: tl.constexpr,  # direction of slot 0: 0 forward (H), 1 backward (R)
@@ -89,6 +93,7 @@ def chunk_states_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,  # the tile of the state this program owns
     PRECISION: tl.constexpr,  # float32 inputs: launch.float32_dot_precision; ignored for 16-bit
     WEIGHTS_BY_PRODUCT: tl.constexpr,  # u and w by _weighted_value_sum's product (launch: bfloat16 only)
+    SHIFT_VALUES: tl.constexpr,  # centre the values as they are loaded: v_j - m (centring.py)
 ):
     # ---- Which piece of work is ours ----------------------------------------------------
     # Axis 0: the (batch, head) sequence; axis 1: a tile of the state, BLOCK_DK key features
@@ -159,6 +164,8 @@ def chunk_states_kernel(
         row_ok = rows < L
         k = tl.load(k_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
         v = tl.load(v_ptr + (bh * L + rows[:, None]) * DV + dv[None, :], mask=row_ok[:, None], other=0.0)
+        if SHIFT_VALUES:
+            v = shifted_rows(v, shift_ptr + bh * DV + dv, row_ok)
 
         # ---- Decay each key to the chunk's edge, and the state across the whole chunk ------
         # forward: k_j exp(G - g_j) and H exp(G);  backward: k_j exp(g_j) and R exp(G).
