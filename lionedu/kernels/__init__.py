@@ -10,6 +10,8 @@ Layout (book chapter 6; the chunkwise form is derived in chapter 4): :mod:`.stat
 kernel 1, the chunk states (a sequential walk over chunks that does nothing but update the
 state), :mod:`.output` kernel 2, every chunk's output with all chunks in parallel;
 :mod:`.carries` completes the states of walks split into segments (few, long sequences);
+:mod:`.centring` makes the values' shift, with which normalised attention runs on centred values
+(book chapter 8, section 10);
 :mod:`.launch` runs the two kernels as one masked operator; :mod:`.autograd` the
 ``torch.autograd.Function`` that makes attention and its gradients out of operators (book
 chapters 6 and 7); :mod:`.fast_launch` launches the compiled kernels without Triton's per-call
