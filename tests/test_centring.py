@@ -5,9 +5,10 @@ level; a GPU adds bfloat16. What is checked, on fresh random values with a commo
 
 - the shift ``m`` is a multiple of the spacing ``2^(e - p + 1)`` of the dtype's numbers at the
   column's largest ``|v|`` (``p`` significant bits), and the nearest such multiple to the mean;
-- ``v - m`` as the kernels centre the values on loading them (``shifted_rows``: in float32,
-  rounded once to the dtype) is exact wherever it stays below the next power of two above
-  ``|v|`` (no systematic rounding: the mean itself as the shift fails this);
+- ``v - m`` computed as the kernels centre the values on loading them (``shifted_rows``: in
+  float32, rounded once to the dtype; here in PyTorch, the kernels' own subtraction is tested
+  through attention in test_kernels.py) is exact wherever it stays below the next power of two
+  above ``|v|`` (no systematic rounding: the mean itself as the shift fails this);
 - no shift for an all-zero column, nor for float16 columns past half its range; float16's
   subnormals are respected.
 """
@@ -16,17 +17,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lionedu.kernels.centring import FINEST_SPACING, SIGNIFICANT_BITS, value_shift
+from lionedu.kernels.centring import value_shift
 from devices import KERNEL_DEVICE as DEVICE
 
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+# Each format's significant bits (the leading one counted) and the log2 of its finest spacing allowed
+# (float16's subnormals; 2^-126, float32's smallest normal, for the others): written out here, not
+# taken from the module under test.
+FORMAT = {torch.float16: (11, -24), torch.bfloat16: (8, -126), torch.float32: (24, -126)}
 
 
 def _spacing(largest: torch.Tensor, dtype) -> torch.Tensor:
     """``2^(e - p + 1)`` with ``2^e <= largest < 2^(e+1)`` and ``p`` the dtype's significant
     bits, at least the dtype's finest (subnormal) spacing; in float64 (frexp: exact)."""
+    bits, finest = FORMAT[dtype]
     _, exponent = torch.frexp(largest)  # largest = mantissa * 2^exponent, mantissa in [0.5, 1)
-    exponent = torch.clamp(exponent - SIGNIFICANT_BITS[dtype], min=FINEST_SPACING[dtype])
+    exponent = torch.clamp(exponent - bits, min=finest)
     return torch.ldexp(torch.ones_like(largest), exponent)
 
 
@@ -79,12 +85,15 @@ def test_mean_as_shift_rounds_every_value_alike():
 
 
 def test_no_shift_near_the_end_of_the_range():
-    """float16 columns with values past half its largest number keep them (v - m could overflow)."""
+    """float16 columns with values past half its largest number keep them (v - m could overflow);
+    so do columns whose float32 sum overflows or meets a NaN."""
     v = torch.full((1, 20, 16), 1000.0, device=DEVICE, dtype=torch.float16)
-    v[0, :, 1] = 40000.0
-    v[0, ::2, 1] = -40000.0
+    v[0, :, 1] = 40000.0  # mean 40000, past 65504 / 2
+    v[0, 7, 2] = float("nan")
     shift = value_shift(v)
-    assert shift[0, 0].item() == 1000.0 and shift[0, 1].item() == 0.0
+    assert shift[0, 0].item() == 1000.0 and shift[0, 1].item() == 0.0 and shift[0, 2].item() == 0.0
+    big = torch.full((1, 100, 16), 1e37, device=DEVICE)  # float32: the sum of 100 overflows
+    assert torch.equal(value_shift(big), torch.zeros(1, 16, device=DEVICE))
 
 
 def test_tiny_values_keep_to_the_dtype():

@@ -72,7 +72,7 @@ def test_operators_pass_opcheck(variant, causal, layout):
     y, g, den, S, z, yc, shift = torch.ops.lionedu.chunkwise_forward(*(a.detach() if torch.is_tensor(a) else a
                                                                        for a in args))
     dy = torch.randn_like(y)
-    centred = shift.numel() > 0  # 16-bit values (kernels/centring.py): the backward reads the centred output
+    centred = shift.numel() > 0  # normalised (kernels/centring.py): the backward reads the centred output
     backward_args = (dy, q.detach(), k.detach(), v.detach(), g, yc if centred else y, den, S, z, shift,
                      None if log_decay is None else log_decay.dtype, causal, True, 16, args[-1], True)
     torch.library.opcheck(torch.ops.lionedu.chunkwise_backward.default, backward_args)

@@ -118,6 +118,14 @@ def assert_close(errors, dtype):
         assert err < grad_tol, f"{name} error too large: {report}"
 
 
+def assert_own_norms(errors):
+    """float16 errors of :func:`compare` with ``own_norms``: the output within 3e-3, every gradient
+    within 1e-2 of its own norm (a few of float16's unit round-offs, 2^-11, over the sums)."""
+    names = ["y", "dq", "dk", "dv", "dlog_decay"]
+    report = ", ".join(f"{n} {e:.2e}" for n, e in zip(names, errors))
+    assert errors[0] < 3e-3 and max(errors[1:]) < 1e-2, report
+
+
 # ---------------------------------------------------------------- CPU (interpreter) ----
 @pytest.mark.parametrize("variant", ["lit", "d", "s"])
 @pytest.mark.parametrize("causal", [False, True])
@@ -141,20 +149,27 @@ def test_random_shapes(B, H, L, D, Dv, variant, causal, normalize, chunk_size, s
 def test_values_with_a_common_part(L, D, Dv, variant, causal, value_mean, seed):
     """Values ``mean + 0.02 u`` in float16, their common part 25 to 150 times the spread: the
     gradients as accurate as for values without one, because the kernels see the values centred
-    (kernels/centring.py). Without that, dq missed by 0.3 to 0.8 at L = 256 under the
-    interpreter (bfloat16 on a GPU: ``test_gpu_values_with_a_common_part``)."""
+    (kernels/centring.py). Each gradient is judged by its own norm: they are small here, and by
+    the largest one's norm (the default) even uncentred values passed at short lengths. Without
+    the centring, dq missed by 0.18 to 0.8 at L = 200 to 256 under the interpreter (bfloat16 on a
+    GPU: ``test_gpu_values_with_a_common_part``)."""
     errors = compare(1, 2, L, D, Dv, variant, causal, True, 64, torch.float16, DEVICE, seed=seed, value_mean=value_mean,
-                     value_spread=0.02, direct=True)
-    assert_close(errors, torch.float16)
+                     value_spread=0.02, direct=True, own_norms=True)
+    assert_own_norms(errors)
 
 
 @pytest.mark.parametrize("L", [1, 2, 65])
 @pytest.mark.parametrize("variant", ["lit", "s"])
 def test_short_values_with_a_common_part(L, variant):
-    """The centred path (float16, values 1 + 0.02 u) at lengths of one, two and one past a chunk."""
+    """The centred path (float16, values 1 + 0.02 u) at lengths of one, two and one past a chunk,
+    each gradient by its own norm (at L = 1 the output is v itself: dq and dk vanish, and are judged
+    by the largest gradient's norm)."""
     errors = compare(2, 2, L, 12, 20, variant, False, True, 64, torch.float16, DEVICE, seed=L, value_mean=1.0,
-                     value_spread=0.02, direct=True)
-    assert_close(errors, torch.float16)
+                     value_spread=0.02, direct=True, own_norms=L > 1)
+    if L > 1:
+        assert_own_norms(errors)
+    else:
+        assert_close(errors, torch.float16)
 
 
 @pytest.mark.parametrize("D,Dv", [(130, 7), (9, 200)])

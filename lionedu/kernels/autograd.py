@@ -125,7 +125,8 @@ def attention_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_s
                               out=y.view(B * H, L, -1), shift=shift,
                               shifted_out=None if shift is None else y_out.view(B * H, L, -1), **opts)
     # y itself is saved, not a view of it: a view made here (no grad mode) would turn a caller's
-    # in-place change of the output into an obscure error instead of autograd's version check
+    # in-place change of the output into an obscure error instead of autograd's version check.
+    # (Normalised, the saved y is the centred output, not the caller's, which is then free to change.)
     saved = Saved(q_, k_, v_, g, y, den, states.S, states.z, shift)
     return (y_out if y_out.shape[-1] == Dv else y_out[..., :Dv].clone()), saved
 

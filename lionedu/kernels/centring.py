@@ -18,6 +18,12 @@ of a binade the same way: a bias that every output averages instead of cancellin
 LIT's forward error in bfloat16 went from 2.5e-3 to 5e-2 with values ``u ~ U[-1, 1]``, whose
 outputs are close to their small mean).
 
+``m`` comes from the whole sequence, also for causal attention: an output does not depend on
+later positions, but its last bits may (through ``m``), and so may they from run to run, since the
+column sums are joined with float32 atomic adds in no fixed order. Where ``v - m`` leaves ``v``'s
+binade by more than one, or ``v`` is far below the column's largest magnitude, the difference is
+rounded, as any number of the format is.
+
 Two kernels: :func:`value_stats_kernel` sums each column and finds its largest ``|v|``
 (a grid over rows as well as sequences, joined with atomic adds and maxima, so that a few
 sequences still fill the GPU); :func:`shift_kernel` turns those into ``m``. The centred values
@@ -56,7 +62,7 @@ def value_stats_kernel(
     cols = tl.arange(0, DV)
     # Element-wise running sums and maxima of the blocks, reduced over rows once at the end:
     # the loop is loads and adds only, so the loads of the next blocks can be in flight
-    # (a reduction in every step made it three times slower on the H200, dev runs §41).
+    # (a reduction in every step made it 2.4 times slower on the H200, dev runs §41).
     total = tl.zeros([ROWS, DV], dtype=tl.float32)
     largest = tl.zeros([ROWS, DV], dtype=tl.float32)
     for block in range(BLOCKS):
@@ -83,8 +89,9 @@ def _shift(stats_ptr, bh, L, cols, DV: tl.constexpr, BITS: tl.constexpr, FINEST:
     # 2^FINEST (columns of tiny values: the dtype's subnormals have that spacing).
     spacing = (tl.maximum(exponent - (BITS - 1), FINEST + 127) << 23).to(tl.float32, bitcast=True)
     m = tl.floor(mean / spacing + 0.5) * spacing
-    # No shift for an all-zero column, nor where v - m could overflow the dtype.
-    return tl.where((largest > 0) & (largest <= LIMIT), m, 0.0)
+    # No shift for an all-zero column, nor where v - m could overflow the dtype, nor where the
+    # sum overflowed or met a NaN (a shift taken from it would spread to every position).
+    return tl.where((largest > 0) & (largest <= LIMIT) & (m == m) & (tl.abs(m) <= LIMIT), m, 0.0)
 
 
 @triton.jit
@@ -105,7 +112,8 @@ def shift_kernel(
 @triton.jit
 def shifted_rows(x, shift_ptrs, row_ok):
     """Loaded rows ``x [R, W]`` less the shift at ``shift_ptrs [W]``, in ``x``'s dtype: the
-    difference is exact in float32, then rounded once. Rows past the sequence (``row_ok``
+    difference in float32 (exact where ``x`` is within 2^16 of the column's largest magnitude in
+    bfloat16, 2^13 in float16), then rounded once. Rows past the sequence (``row_ok``
     False) stay 0, as the kernels' masked loads leave them."""
     shift = tl.load(shift_ptrs)
     return tl.where(row_ok[:, None], x.to(tl.float32) - shift[None, :], 0.0).to(x.dtype)
