@@ -132,9 +132,9 @@ from lionedu.kernels.centring import ROWS, STATS_BLOCKS, shift_kernel, value_sta
 capability, pointer, bits, finest, limit = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 stats = compile_for_gpu(value_stats_kernel, dict(DV=64, ROWS=ROWS, BLOCKS=STATS_BLOCKS), ("L",),
                         dict(v_ptr=pointer), capability)
-shift = compile_for_gpu(shift_kernel, dict(DV=64, BITS=bits, FINEST=finest, LIMIT=limit), ("L",), {}, capability)
+shift = compile_for_gpu(shift_kernel, dict(DV=64, BITS=bits, FINEST=finest, LIMIT=limit), ("L", "P"), {}, capability)
 print(json.dumps(dict(stats=len(stats.asm["cubin"]), shift=len(shift.asm["cubin"]),
-                      atomics=stats.asm["ptx"].count("atom.") + stats.asm["ptx"].count("red."))))
+                      atomics=sum(len(re.findall(r"(?<![\w.])(?:atom|red)\.", k.asm["ptx"])) for k in (stats, shift)))))
 """
 
 
@@ -212,10 +212,11 @@ def test_feature_map_kernels_compile(capability, pointer):
                                                (75, torch.float16), (75, torch.float32)])
 def test_centring_kernels_compile(capability, dtype):
     """The values' shift (lionedu/kernels/centring.py): both kernels compile to machine code for
-    an H100/H200 and a T4 in each dtype they take there, the stats kernel with its atomics."""
+    an H100/H200 and a T4 in each dtype they take there, without atomics (the blocks' sums are
+    added in a fixed order, so a call's bits do not depend on which program finished first)."""
     from lionedu.kernels.centring import FINEST_SPACING, SIGNIFICANT_BITS
 
     pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     sizes = _compile(COMPILE_CENTRING, capability, pointer, SIGNIFICANT_BITS[dtype], FINEST_SPACING[dtype],
                      torch.finfo(dtype).max / 2)
-    assert sizes["stats"] > 0 and sizes["shift"] > 0 and sizes["atomics"] >= 2, sizes
+    assert sizes["stats"] > 0 and sizes["shift"] > 0 and sizes["atomics"] == 0, sizes

@@ -19,14 +19,17 @@ LIT's forward error in bfloat16 went from 2.5e-3 to 5e-2 with values ``u ~ U[-1,
 outputs are close to their small mean).
 
 ``m`` comes from the whole sequence, also for causal attention: an output does not depend on
-later positions, but its last bits may (through ``m``), and so may they from run to run, since the
-column sums are joined with float32 atomic adds in no fixed order. Where ``v - m`` leaves ``v``'s
+later positions, but its last bits may (through ``m``). The column sums are added in a fixed order,
+so a call gives the same bits every time. Where ``v - m`` leaves ``v``'s
 binade by more than one, or ``v`` is far below the column's largest magnitude, the difference is
 rounded, as any number of the format is.
 
-Two kernels: :func:`value_stats_kernel` sums each column and finds its largest ``|v|``
-(a grid over rows as well as sequences, joined with atomic adds and maxima, so that a few
-sequences still fill the GPU); :func:`shift_kernel` turns those into ``m``. The centred values
+Two kernels: :func:`value_stats_kernel` sums each column and finds its largest ``|v|`` over
+blocks of rows (a grid over rows as well as sequences, so that a few sequences still fill the
+GPU); :func:`shift_kernel` adds up the blocks, in order, and turns the totals into ``m``. (The
+first form joined the blocks with float32 atomic adds and maxima: the sums' last bits then
+depended on the order in which programs finished, and the atomics needed a zeroed buffer, one
+more launch.) The centred values
 are never stored: the states and output kernels subtract ``m`` as they load the values (a
 stored copy took a read and a write of ``V`` more, +22 µs of the forward's 140 at L = 4096).
 """
@@ -53,12 +56,14 @@ FINEST_SPACING = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -24}
 @triton.jit
 def value_stats_kernel(
     v_ptr,  # values [BH, L, DV], contiguous
-    stats_ptr,  # out: [BH, 2, DV] float32, zero on entry: each column's sum, then its largest |v|
+    stats_ptr,  # out: [BH, P, 2, DV] float32, P = the grid's first axis: each block's column sums,
+    # then its largest |v| per column
     L,
     DV: tl.constexpr, ROWS: tl.constexpr, BLOCKS: tl.constexpr,
 ):
     bh = tl.program_id(1).to(tl.int64)
-    first = tl.program_id(0) * (ROWS * BLOCKS)  # this program's first row
+    block_of_rows = tl.program_id(0)
+    first = block_of_rows * (ROWS * BLOCKS)  # this program's first row
     cols = tl.arange(0, DV)
     # Element-wise running sums and maxima of the blocks, reduced over rows once at the end:
     # the loop is loads and adds only, so the loads of the next blocks can be in flight
@@ -71,18 +76,16 @@ def value_stats_kernel(
         x = x.to(tl.float32)
         total += x
         largest = tl.maximum(largest, tl.abs(x))
-    # Programs of one sequence meet here: the sums add up, the maxima are kept (all >= 0).
-    tl.atomic_add(stats_ptr + bh * 2 * DV + cols, tl.sum(total, axis=0))
-    tl.atomic_max(stats_ptr + (bh * 2 + 1) * DV + cols, tl.max(largest, axis=0))
+    at = (bh * tl.num_programs(0) + block_of_rows) * 2 * DV
+    tl.store(stats_ptr + at + cols, tl.sum(total, axis=0))
+    tl.store(stats_ptr + at + DV + cols, tl.max(largest, axis=0))
 
 
 @triton.jit
-def _shift(stats_ptr, bh, L, cols, DV: tl.constexpr, BITS: tl.constexpr, FINEST: tl.constexpr,
-           LIMIT: tl.constexpr):
-    """Each column's shift ``m`` ``[DV]`` float32: the mean on the grid of the dtype's numbers
-    at the column's largest ``|v|`` (module docstring)."""
-    mean = tl.load(stats_ptr + bh * 2 * DV + cols) / L
-    largest = tl.load(stats_ptr + (bh * 2 + 1) * DV + cols)
+def _shift(total, largest, L, BITS: tl.constexpr, FINEST: tl.constexpr, LIMIT: tl.constexpr):
+    """Each column's shift ``m`` float32 from its sum ``total`` and largest magnitude ``largest``
+    (both ``[DV]``): the mean on the grid of the dtype's numbers at ``largest`` (module docstring)."""
+    mean = total / L
     # The biased exponent of `largest` (float32 bits 23-30): floor(log2 |v|) + 127, exactly.
     exponent = (largest.to(tl.int32, bitcast=True) >> 23) & 0xFF
     # The spacing 2^(e - BITS + 1), written straight into a float32's exponent bits, at least
@@ -96,9 +99,9 @@ def _shift(stats_ptr, bh, L, cols, DV: tl.constexpr, BITS: tl.constexpr, FINEST:
 
 @triton.jit
 def shift_kernel(
-    stats_ptr,  # [BH, 2, DV] float32 from value_stats_kernel
+    stats_ptr,  # [BH, P, 2, DV] float32 from value_stats_kernel
     shift_ptr,  # out: m [BH, DV] float32
-    L,
+    L, P,  # sequence length, blocks of rows
     DV: tl.constexpr,
     BITS: tl.constexpr,  # significant bits of the values' dtype
     FINEST: tl.constexpr,  # log2 of the finest spacing allowed (FINEST_SPACING)
@@ -106,7 +109,13 @@ def shift_kernel(
 ):
     bh = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, DV)
-    tl.store(shift_ptr + bh * DV + cols, _shift(stats_ptr, bh, L, cols, DV, BITS, FINEST, LIMIT))
+    total = tl.zeros([DV], dtype=tl.float32)
+    largest = tl.zeros([DV], dtype=tl.float32)
+    for p in range(0, P):  # the blocks in order: the same sum on every call
+        at = (bh * P + p) * 2 * DV
+        total += tl.load(stats_ptr + at + cols)
+        largest = tl.maximum(largest, tl.load(stats_ptr + at + DV + cols))
+    tl.store(shift_ptr + bh * DV + cols, _shift(total, largest, L, BITS, FINEST, LIMIT))
 
 
 @triton.jit
@@ -128,11 +137,12 @@ def value_shift(v: torch.Tensor) -> torch.Tensor:
     of two): module docstring. The kernels subtract it as they load the values
     (``(v - m)`` in float32, rounded to ``v``'s dtype: exact wherever it stays in ``v``'s binade)."""
     BH, L, DV = v.shape
-    stats = torch.zeros(BH, 2, DV, device=v.device, dtype=torch.float32)
-    _launch_stats((-(-L // (ROWS * STATS_BLOCKS)), BH), v, stats, L, DV=DV, ROWS=ROWS, BLOCKS=STATS_BLOCKS,
+    P = -(-L // (ROWS * STATS_BLOCKS))  # blocks of rows
+    stats = torch.empty(BH, P, 2, DV, device=v.device, dtype=torch.float32)
+    _launch_stats((P, BH), v, stats, L, DV=DV, ROWS=ROWS, BLOCKS=STATS_BLOCKS,
                   num_warps=4 if DV <= 64 else 8, num_stages=2)
     shift = torch.empty(BH, DV, device=v.device, dtype=torch.float32)
-    _launch_shift((BH,), stats, shift, L, DV=DV, BITS=SIGNIFICANT_BITS[v.dtype], FINEST=FINEST_SPACING[v.dtype],
+    _launch_shift((BH,), stats, shift, L, P, DV=DV, BITS=SIGNIFICANT_BITS[v.dtype], FINEST=FINEST_SPACING[v.dtype],
                   LIMIT=torch.finfo(v.dtype).max / 2, num_warps=1 if DV <= 64 else 2, num_stages=1)
     return shift
 
