@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lionedu.kernels.centring import value_shift
+from lionedu.kernels.centring import format_grid, value_shift
 from devices import KERNEL_DEVICE as DEVICE
 
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -105,9 +105,16 @@ def test_tiny_values_keep_to_the_dtype():
     assert torch.equal(torch.remainder(shift, 2.0**-24), torch.zeros_like(shift))
 
 
+def test_format_grid():
+    """The bits and finest spacing derived from torch.finfo are the ones written out above."""
+    assert all(format_grid(dtype) == expected for dtype, expected in FORMAT.items())
+
+
+@pytest.mark.gpu
 def test_same_shift_on_every_call():
     """The blocks' sums are added in a fixed order (no atomics), so the shift, and with it the
-    outputs' last bits, are the same on every call; on a GPU many programs race to finish."""
+    outputs' last bits, are the same on every call, although many programs race to finish
+    (a GPU test: the interpreter runs the programs one after another, where any order would pass)."""
     gen = torch.Generator(device=DEVICE).manual_seed(3)
     v = (3 + torch.randn(4, 5000, 64, generator=gen, device=DEVICE)).half()
     first = value_shift(v)

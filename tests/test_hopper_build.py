@@ -214,9 +214,8 @@ def test_centring_kernels_compile(capability, dtype):
     """The values' shift (lionedu/kernels/centring.py): both kernels compile to machine code for
     an H100/H200 and a T4 in each dtype they take there, without atomics (the blocks' sums are
     added in a fixed order, so a call's bits do not depend on which program finished first)."""
-    from lionedu.kernels.centring import FINEST_SPACING, SIGNIFICANT_BITS
+    from lionedu.kernels.centring import format_grid
 
     pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
-    sizes = _compile(COMPILE_CENTRING, capability, pointer, SIGNIFICANT_BITS[dtype], FINEST_SPACING[dtype],
-                     torch.finfo(dtype).max / 2)
+    sizes = _compile(COMPILE_CENTRING, capability, pointer, *format_grid(dtype), torch.finfo(dtype).max / 2)
     assert sizes["stats"] > 0 and sizes["shift"] > 0 and sizes["atomics"] == 0, sizes
