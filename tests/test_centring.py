@@ -4,11 +4,14 @@ On a CPU the kernels run through Triton's interpreter, which takes float16 and f
 level; a GPU adds bfloat16. What is checked, on fresh random values with a common part:
 
 - the shift ``m`` is a multiple of the spacing ``2^(e - p + 1)`` of the dtype's numbers at the
-  column's largest ``|v|`` (``p`` significant bits), and the nearest such multiple to the mean;
+  sample's largest ``|v|`` (``p`` significant bits), and the nearest such multiple to the mean
+  of the sample (the rows ``floor(i L / SAMPLE_ROWS)``);
+- the states kernel, which computes the shift for attention, stores the same bits;
 - ``v - m`` computed as the kernels centre the values on loading them (``shifted_rows``: in
   float32, rounded once to the dtype; here in PyTorch, the kernels' own subtraction is tested
   through attention in test_kernels.py) is exact wherever it stays below the next power of two
-  above ``|v|`` (no systematic rounding: the mean itself as the shift fails this);
+  above ``|v|``, for values up to the sample's largest binade (no systematic rounding: the mean
+  itself as the shift fails this);
 - no shift for an all-zero column, nor for float16 columns past half its range; float16's
   subnormals are respected.
 """
@@ -17,7 +20,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lionedu.kernels.centring import format_grid, value_shift
+from lionedu.kernels.centring import SAMPLE_ROWS, format_grid, value_shift
+from lionedu.kernels.launch import chunk_states
 from devices import KERNEL_DEVICE as DEVICE
 
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -25,6 +29,12 @@ DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" 
 # (float16's subnormals; 2^-126, float32's smallest normal, for the others): written out here, not
 # taken from the module under test.
 FORMAT = {torch.float16: (11, -24), torch.bfloat16: (8, -126), torch.float32: (24, -126)}
+
+
+def _sample(v: torch.Tensor) -> torch.Tensor:
+    """The rows of ``v [BH, L, DV]`` the shift is taken from: ``floor(i L / SAMPLE_ROWS)``."""
+    L = v.shape[1]
+    return v[:, torch.arange(SAMPLE_ROWS, device=v.device) * L // SAMPLE_ROWS]
 
 
 def _spacing(largest: torch.Tensor, dtype) -> torch.Tensor:
@@ -48,23 +58,29 @@ def test_shift_and_centred_values(BH, L, DV, dtype, mean, spread, seed):
     assert shift.shape == (BH, DV) and shift.dtype == torch.float32
     exact = v.double()
     m = shift.double()
-    largest = exact.abs().amax(dim=1)
+    sample = _sample(exact)
+    largest = sample.abs().amax(dim=1)
     spacing = _spacing(largest, dtype)
     ones = largest > 0
     assert torch.equal(m[~ones], torch.zeros_like(m[~ones]))
-    # On the grid, and the nearest grid point to the mean (the mean summed in float32: allow
-    # its rounding, L * 2^-24 of the largest |v|).
+    # On the grid, and the nearest grid point to the sample's mean (summed in float32: allow
+    # its rounding, SAMPLE_ROWS * 2^-24 of the largest |v|).
     assert torch.equal(torch.remainder(m[ones], spacing[ones]), torch.zeros_like(m[ones]))
-    slack = L * 2.0**-24 * largest[ones]
-    assert ((m[ones] - exact.mean(dim=1)[ones]).abs() <= spacing[ones] / 2 + slack).all()
+    slack = SAMPLE_ROWS * 2.0**-24 * largest[ones]
+    assert ((m[ones] - sample.mean(dim=1)[ones]).abs() <= spacing[ones] / 2 + slack).all()
     # The kernels' centred values: the float32 difference (exact: both on the grid) rounded
     # once; no rounding at all where it stays in v's binade or below.
     difference = exact - m[:, None, :]
     centred = (v.float() - shift[:, None, :]).to(dtype)
     assert torch.equal(centred.double(), difference.to(dtype).double())
     _, exponent = torch.frexp(exact)
-    in_binade = difference.abs() < torch.ldexp(torch.ones_like(exact), exponent)
+    _, top = torch.frexp(largest)  # the sample's largest binade: 2^(top-1) <= largest < 2^top
+    in_binade = (difference.abs() < torch.ldexp(torch.ones_like(exact), exponent)) & (exponent <= top[:, None, :])
     assert torch.equal(centred.double()[in_binade], difference[in_binade])
+    # The states kernel (attention's path) stores the same shift.
+    shift_out = torch.empty_like(shift)
+    chunk_states(v, v, None, lower=True, upper=False, chunk_size=16, with_z=True, shift_out=shift_out)
+    assert torch.equal(shift_out, shift)
 
 
 def test_mean_as_shift_rounds_every_value_alike():
@@ -112,10 +128,15 @@ def test_format_grid():
 
 @pytest.mark.gpu
 def test_same_shift_on_every_call():
-    """The blocks' sums are added in a fixed order (no atomics), so the shift, and with it the
-    outputs' last bits, are the same on every call, although many programs race to finish
-    (a GPU test: the interpreter runs the programs one after another, where any order would pass)."""
+    """The shift comes from fixed rows, added in a fixed order, so it, and with it the outputs'
+    last bits, are the same on every call, in the states kernel (which many programs of a
+    sequence compute, and one stores) as in :func:`value_shift` (a GPU test: the interpreter
+    runs the programs one after another, where any order would pass)."""
     gen = torch.Generator(device=DEVICE).manual_seed(3)
     v = (3 + torch.randn(4, 5000, 64, generator=gen, device=DEVICE)).half()
     first = value_shift(v)
-    assert all(torch.equal(first, value_shift(v)) for _ in range(5))
+    shift_out = torch.empty_like(first)
+    for _ in range(5):
+        assert torch.equal(first, value_shift(v))
+        chunk_states(v, v, None, lower=True, upper=True, chunk_size=64, with_z=True, shift_out=shift_out)
+        assert torch.equal(first, shift_out)

@@ -49,7 +49,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .centring import centred_copy, value_shift
+from .centring import centred_copy
 from .decay_gradient import decay_gradient
 from .launch import States, chunk_outputs, chunk_states, next_power_of_2, padded_chunk_sums, persistent_outputs
 from .normaliser import normaliser_gradient
@@ -112,10 +112,11 @@ def attention_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_s
     B, H, L, D = q.shape
     Dv = v.shape[-1]
     q_, k_, v_ = (_flatten(t, least) for t in (q, k, v))  # [BH, L, D'], [BH, L, D'], [BH, L, Dv']
-    shift = value_shift(v_) if normalize else None  # [BH, Dv'] float32
     g = chunk_log_decay_sums(log_decay, B, H, L, chunk_size)
     opts = dict(lower=True, upper=not causal, chunk_size=chunk_size)
-    states = chunk_states(k_, v_, g, with_z=normalize, shift=shift, **opts)
+    # Normalised: the states kernel centres the values and writes their shift m here.
+    shift = v_.new_empty(B * H, v_.shape[-1], dtype=torch.float32) if normalize else None  # [BH, Dv']
+    states = chunk_states(k_, v_, g, with_z=normalize, shift_out=shift, **opts)
     # The output is written straight into a [B, H, L, Dv'] tensor: an autograd.Function must not
     # return a view of something it made (autograd forbids in-place changes to those).
     y = torch.empty(B, H, L, v_.shape[-1], device=v.device, dtype=v.dtype)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .carries import end_record_size, segment_carries_kernel
+from .centring import shift_constants
 from .fast_launch import Launcher
 from .output import chunk_output_kernel
 from .states import chunk_states_kernel
@@ -207,13 +208,14 @@ def _flags(q, g, chunk_size):
 
 
 def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: bool = False,
-                 with_u: bool = False, col_offset=None, shift=None) -> States:
+                 with_u: bool = False, col_offset=None, shift_out=None) -> States:
     """Kernel 1: the states every chunk reads, for keys ``k [BH, L, DK]`` and values ``v [BH, L, DV]``.
 
     ``lower`` / ``upper`` ask for the forward states (keys before each chunk) and the
     backward states (keys after it); ``with_z``, ``with_u`` and ``col_offset`` (``b [BH, L]``
-    float32) for the key sums, value sums and offset-weighted value sums; ``shift``
-    ``m [BH, DV]`` float32: the states of the centred values ``v - m`` (:mod:`.centring`).
+    float32) for the key sums, value sums and offset-weighted value sums; ``shift_out``
+    (a ``[BH, DV]`` float32 tensor): the states of the centred values ``v - m``, the kernel
+    writing the shift ``m`` there (:mod:`.centring`).
     """
     if not (lower or upper):
         raise ValueError("chunk_states needs lower, upper or both")
@@ -239,8 +241,8 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
     _launch_states(
         (BH, (DK // cfg["states_block_dk"]) * (DV // cfg["states_block_dv"]), slots * segments),
         k, v, _or_dummy(g, k), _or_dummy(col_offset, k), st.S, *(_or_dummy(t, k) for t in st[1:]),
-        _or_dummy(ends, k), _or_dummy(gamma, k), _or_dummy(shift, k), L, N, seg_chunks, SEGMENTED=segments > 1,
-        SHIFT_VALUES=shift is not None, **switches,
+        _or_dummy(ends, k), _or_dummy(gamma, k), _or_dummy(shift_out, k), L, N, seg_chunks, SEGMENTED=segments > 1,
+        SHIFT_VALUES=shift_out is not None, **shift_constants(v.dtype), **switches,
         BLOCK_DK=cfg["states_block_dk"], BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"],
         num_stages=cfg["states_stages"], WEIGHTS_BY_PRODUCT=weighted_sums_by_product(v.dtype), **_flags(k, g, chunk_size))
     if segments > 1:

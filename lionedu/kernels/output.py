@@ -80,9 +80,9 @@ def _chunk_output(
     q = tl.load(q_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
     k = tl.load(k_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
     if SHIFT == 1:  # the queries are the centred values (dK's operator)
-        q = shifted_rows(q, shift_ptr + bh * DK + dk, row_ok)
+        q = shifted_rows(q, tl.load(shift_ptr + bh * DK + dk), row_ok)
     if SHIFT == 2:  # the keys are (dQ's operator)
-        k = shifted_rows(k, shift_ptr + bh * DK + dk, row_ok)
+        k = shifted_rows(k, tl.load(shift_ptr + bh * DK + dk), row_ok)
 
     # ---- Scores of the C x C block, with the optional float32 offset ------------------------
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [C, C] float32
@@ -141,7 +141,8 @@ def _chunk_output(
         out_at = (bh * L + rows[:, None]) * DV + dv[None, :]
         v = tl.load(v_ptr + out_at, mask=row_ok[:, None], other=0.0)  # V_n [C, BLOCK_DV]
         if SHIFT == 3:  # the values are (the forward)
-            v = shifted_rows(v, shift_ptr + bh * DV + dv, row_ok)
+            shift = tl.load(shift_ptr + bh * DV + dv)
+            v = shifted_rows(v, shift, row_ok)
 
         # Intra-chunk part W V_n, then the states' shares (keys before / after the chunk).
         if SPLIT:
@@ -169,7 +170,6 @@ def _chunk_output(
             out = out / den[:, None]
         tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         if SHIFTED:  # the caller's output: the shift added in float32, then rounded once
-            shift = tl.load(shift_ptr + bh * DV + dv)
             tl.store(shifted_ptr + out_at, (out + shift[None, :]).to(shifted_ptr.dtype.element_ty),
                      mask=row_ok[:, None])
 

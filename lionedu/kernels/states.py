@@ -23,14 +23,17 @@ Three vectors ride along when the caller needs them:
 ``u = sum_j (decay) v_j`` (for scores with a row offset ``a_i``) and
 ``w = sum_j (decay) b_j v_j`` (for scores with a column offset ``b_j``).
 
-With ``SHIFT_VALUES`` the values are centred as they are loaded, ``v_j - m`` (:mod:`.centring`).
+With ``SHIFT_VALUES`` the values are centred as they are loaded, ``v_j - m``: each program
+computes the shift ``m`` of its value columns from a sample of the sequence's rows before it
+walks, and the programs of the first slot and segment store it for the later kernels
+(:mod:`.centring`).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .centring import shifted_rows
+from .centring import sampled_shift, shifted_rows
 from .decays import chunk_log_decays
 
 
@@ -80,7 +83,7 @@ def chunk_states_kernel(
     z_ptr, u_ptr, w_ptr,  # out: [slots, BH, N, DK], [slots, BH, N, DV], [slots, BH, N, DV] float32
     ends_ptr,  # out (SEGMENTED): each segment's end record [slots, BH, P, RECORD] float32 (carries.py)
     gamma_ptr,  # out (SEGMENTED with decays): log decay from each chunk to its segment's edge [slots, BH, N]
-    shift_ptr,  # the values' shift m [BH, DV] float32 (SHIFT_VALUES)
+    shift_ptr,  # out (SHIFT_VALUES): the values' shift m [BH, DV] float32
     L, N,  # sequence length, number of chunks
     seg_chunks,  # chunks per segment (N when the walk is not split)
     FIRST_DIRECTION: tl.constexpr,  # direction of slot 0: 0 forward (H), 1 backward (R)
@@ -94,6 +97,8 @@ def chunk_states_kernel(
     PRECISION: tl.constexpr,  # float32 inputs: launch.float32_dot_precision; ignored for 16-bit
     WEIGHTS_BY_PRODUCT: tl.constexpr,  # u and w by _weighted_value_sum's product (launch: bfloat16 only)
     SHIFT_VALUES: tl.constexpr,  # centre the values as they are loaded: v_j - m (centring.py)
+    SAMPLE: tl.constexpr, BITS: tl.constexpr, FINEST: tl.constexpr, LIMIT: tl.constexpr,  # the shift's
+    # constants (centring.shift_constants)
 ):
     # ---- Which piece of work is ours ----------------------------------------------------
     # Axis 0: the (batch, head) sequence; axis 1: a tile of the state, BLOCK_DK key features
@@ -136,6 +141,14 @@ def chunk_states_kernel(
         u = tl.zeros([BLOCK_DV], dtype=tl.float32)
         w = tl.zeros([BLOCK_DV], dtype=tl.float32)
 
+    # Normalised attention: the shift of our value columns, from a sample of the sequence's
+    # rows (every program of the sequence computes the same bits; the first slot's first
+    # segment stores them, for the output kernel and the backward pass).
+    if SHIFT_VALUES:
+        shift = sampled_shift(v_ptr, bh, L, dv, DV, SAMPLE, BITS, FINEST, LIMIT)
+        if k_tile == 0 and tl.program_id(2) == 0:
+            tl.store(shift_ptr + bh * DV + dv, shift)
+
     # Our segment: chunks first, ..., first + count - 1. The state starts empty at its edge
     # (the chunks before it are another program's, added afterwards by carries.py).
     first = segment * seg_chunks
@@ -165,7 +178,7 @@ def chunk_states_kernel(
         k = tl.load(k_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
         v = tl.load(v_ptr + (bh * L + rows[:, None]) * DV + dv[None, :], mask=row_ok[:, None], other=0.0)
         if SHIFT_VALUES:
-            v = shifted_rows(v, shift_ptr + bh * DV + dv, row_ok)
+            v = shifted_rows(v, shift, row_ok)
 
         # ---- Decay each key to the chunk's edge, and the state across the whole chunk ------
         # forward: k_j exp(G - g_j) and H exp(G);  backward: k_j exp(g_j) and R exp(G).
