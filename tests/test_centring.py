@@ -6,7 +6,8 @@ level; a GPU adds bfloat16. What is checked, on fresh random values with a commo
 - the shift ``m`` is a multiple of the spacing ``2^(e - p + 1)`` of the dtype's numbers at the
   sample's largest ``|v|`` (``p`` significant bits), and the nearest such multiple to the mean
   of the sample (the rows ``floor(i L / SAMPLE_ROWS)``);
-- the states kernel, which computes the shift for attention, stores the same bits;
+- the same holds for the shift the states kernel computes, and stores, for attention (its
+  sums may be added in another order than :func:`value_shift`'s: another layout);
 - ``v - m`` computed as the kernels centre the values on loading them (``shifted_rows``: in
   float32, rounded once to the dtype; here in PyTorch, the kernels' own subtraction is tested
   through attention in test_kernels.py) is exact wherever it stays below the next power of two
@@ -17,6 +18,7 @@ level; a GPU adds bfloat16. What is checked, on fresh random values with a commo
 """
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -56,6 +58,19 @@ def test_shift_and_centred_values(BH, L, DV, dtype, mean, spread, seed):
     v = v.to(dtype)
     shift = value_shift(v)
     assert shift.shape == (BH, DV) and shift.dtype == torch.float32
+    _check_shift(v, shift)
+    # The states kernel's, with the values padded to 64 columns as attention pads them on a GPU.
+    padded = F.pad(v, (0, 64 - DV))
+    stored = torch.full((BH, 64), float("nan"), device=DEVICE)
+    chunk_states(padded, padded, None, lower=True, upper=False, chunk_size=16, with_z=True, shift_out=stored)
+    assert torch.equal(stored[:, DV:], torch.zeros_like(stored[:, DV:]))
+    _check_shift(v, stored[:, :DV])
+
+
+def _check_shift(v, shift):
+    """``shift [BH, DV]``: on the grid of the sample's largest magnitude, the nearest grid point
+    to the sample's mean, and ``v - shift`` exact where it stays in ``v``'s binade."""
+    dtype = v.dtype
     exact = v.double()
     m = shift.double()
     sample = _sample(exact)
@@ -77,10 +92,6 @@ def test_shift_and_centred_values(BH, L, DV, dtype, mean, spread, seed):
     _, top = torch.frexp(largest)  # the sample's largest binade: 2^(top-1) <= largest < 2^top
     in_binade = (difference.abs() < torch.ldexp(torch.ones_like(exact), exponent)) & (exponent <= top[:, None, :])
     assert torch.equal(centred.double()[in_binade], difference[in_binade])
-    # The states kernel (attention's path) stores the same shift.
-    shift_out = torch.empty_like(shift)
-    chunk_states(v, v, None, lower=True, upper=False, chunk_size=16, with_z=True, shift_out=shift_out)
-    assert torch.equal(shift_out, shift)
 
 
 def test_mean_as_shift_rounds_every_value_alike():
@@ -129,14 +140,14 @@ def test_format_grid():
 @pytest.mark.gpu
 def test_same_shift_on_every_call():
     """The shift comes from fixed rows, added in a fixed order, so it, and with it the outputs'
-    last bits, are the same on every call, in the states kernel (which many programs of a
-    sequence compute, and one stores) as in :func:`value_shift` (a GPU test: the interpreter
+    last bits, are the same on every call, in :func:`value_shift` as in the states kernel (where
+    many programs of a sequence compute it, and one stores it; a GPU test: the interpreter
     runs the programs one after another, where any order would pass)."""
     gen = torch.Generator(device=DEVICE).manual_seed(3)
     v = (3 + torch.randn(4, 5000, 64, generator=gen, device=DEVICE)).half()
     first = value_shift(v)
-    shift_out = torch.empty_like(first)
-    for _ in range(5):
+    stored = [torch.empty_like(first) for _ in range(5)]
+    for shift_out in stored:
         assert torch.equal(first, value_shift(v))
         chunk_states(v, v, None, lower=True, upper=True, chunk_size=64, with_z=True, shift_out=shift_out)
-        assert torch.equal(first, shift_out)
+    assert all(torch.equal(stored[0], other) for other in stored[1:])

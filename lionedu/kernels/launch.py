@@ -219,6 +219,8 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
     """
     if not (lower or upper):
         raise ValueError("chunk_states needs lower, upper or both")
+    if shift_out is not None and not with_z:
+        raise ValueError("chunk_states centres the values (shift_out) only with the key sums (with_z)")
     BH, L, DK = k.shape
     DV = v.shape[-1]
     N = ceil_div(L, chunk_size)
@@ -271,6 +273,8 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
     """
     if shifted_out is not None and (shift is None or shifted != "v"):
         raise ValueError("shifted_out needs the values' shift (shift, shifted='v')")
+    if partner is not None and shift is not None and shifted == "v":
+        raise ValueError("chunk_outputs does not take a partner with shifted values (shifted='v')")
     if row_offset is not None and col_offset is not None:
         raise ValueError("chunk_outputs takes a row offset or a column offset, not both")
     if normalize and not with_den:

@@ -126,12 +126,15 @@ def chunk_states_kernel(
     # inputs sum it by a reduction and carry the same 16 columns, for one store path (their
     # benchmark did not move, dev runs §37). Stores of z address row dk in every column
     # (dk[:, None] + 0 * z_column, the pointer in z's shape) and keep column 0.
+    # Centring 16-bit values, z is as wide as the tile: its product is then also each chunk's key
+    # sums in S's shape, with which S subtracts the shift's share (below).
+    Z_WIDTH: tl.constexpr = BLOCK_DV if SHIFT_VALUES else 16
     S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
-    z = tl.zeros([BLOCK_DK, 16], dtype=tl.float32)
-    z_column = tl.arange(0, 16)[None, :]
+    z = tl.zeros([BLOCK_DK, Z_WIDTH], dtype=tl.float32)
+    z_column = tl.arange(0, Z_WIDTH)[None, :]
     Z_BY_PRODUCT: tl.constexpr = v_ptr.dtype.element_ty != tl.float32  # z on the tensor cores
     if Z_BY_PRODUCT:
-        ones = tl.full([CHUNK, 16], 1.0, v_ptr.dtype.element_ty)
+        ones = tl.full([CHUNK, Z_WIDTH], 1.0, v_ptr.dtype.element_ty)
     # u and w likewise where the launcher says so: [16, BLOCK_DV] blocks whose rows add up to
     # them (_weighted_value_sum), else the [BLOCK_DV] vectors themselves.
     if WEIGHTS_BY_PRODUCT:
@@ -178,7 +181,8 @@ def chunk_states_kernel(
         k = tl.load(k_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
         v = tl.load(v_ptr + (bh * L + rows[:, None]) * DV + dv[None, :], mask=row_ok[:, None], other=0.0)
         if SHIFT_VALUES:
-            v = shifted_rows(v, shift, row_ok)
+            if not Z_BY_PRODUCT:  # float32 values are centred as loaded (16-bit: after the product)
+                v = shifted_rows(v, shift, row_ok)
 
         # ---- Decay each key to the chunk's edge, and the state across the whole chunk ------
         # forward: k_j exp(G - g_j) and H exp(G);  backward: k_j exp(g_j) and R exp(G).
@@ -203,7 +207,14 @@ def chunk_states_kernel(
                 # sum_j (scaled k_j) as a product with ones: the tensor cores add along the chunk,
                 # where tl.sum over it is a reduction across warps (states kernel -10 %; dev runs §37).
                 # It sums the scaled keys as rounded for the tensor cores, as S uses them.
-                z = carry * z + tl.dot(k_scaled_t, ones)
+                key_sums = tl.dot(k_scaled_t, ones)  # [BLOCK_DK, Z_WIDTH], every column the same
+                z = carry * z + key_sums
+                if SHIFT_VALUES:
+                    # sum_j k_j (v_j - m)^T = sum_j k_j v_j^T - (sum_j k_j) m^T, in float32 (the
+                    # keys as rounded for both products). Subtracting m from V_n as it is loaded
+                    # instead took V_n through registers into the product: +16 µs of the
+                    # kernel's 70 at L = 4096 (dev runs §42).
+                    S -= key_sums * shift[None, :]
             else:
                 # float32: the product would be three TF32 products ("tf32x3"), slower than the
                 # reduction (float32 forward +5 to +11 %, dev runs §37)
