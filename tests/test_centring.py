@@ -4,15 +4,13 @@ On a CPU the kernels run through Triton's interpreter, which takes float16 and f
 level; a GPU adds bfloat16. What is checked, on fresh random values with a common part:
 
 - the shift ``m`` is a multiple of the spacing ``2^(e - p + 1)`` of the dtype's numbers at the
-  sample's largest ``|v|`` (``p`` significant bits), and the nearest such multiple to the mean
-  of the sample (the rows ``floor(i L / SAMPLE_ROWS)``);
+  column's largest ``|v|`` (``p`` significant bits), and the nearest such multiple to the mean;
 - the same holds for the shift the states kernel computes, and stores, for attention (its
   sums may be added in another order than :func:`value_shift`'s: another layout);
 - ``v - m`` computed as the kernels centre the values on loading them (``shifted_rows``: in
   float32, rounded once to the dtype; here in PyTorch, the kernels' own subtraction is tested
   through attention in test_kernels.py) is exact wherever it stays below the next power of two
-  above ``|v|``, for values up to the sample's largest binade (no systematic rounding: the mean
-  itself as the shift fails this);
+  above ``|v|`` (no systematic rounding: the mean itself as the shift fails this);
 - no shift for an all-zero column, nor for float16 columns past half its range; float16's
   subnormals are respected.
 """
@@ -22,7 +20,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lionedu.kernels.centring import SAMPLE_ROWS, format_grid, value_shift
+from lionedu.kernels.centring import format_grid, value_shift, value_stats
 from lionedu.kernels.launch import chunk_states
 from devices import KERNEL_DEVICE as DEVICE
 
@@ -31,12 +29,6 @@ DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" 
 # (float16's subnormals; 2^-126, float32's smallest normal, for the others): written out here, not
 # taken from the module under test.
 FORMAT = {torch.float16: (11, -24), torch.bfloat16: (8, -126), torch.float32: (24, -126)}
-
-
-def _sample(v: torch.Tensor) -> torch.Tensor:
-    """The rows of ``v [BH, L, DV]`` the shift is taken from: ``floor(i L / SAMPLE_ROWS)``."""
-    L = v.shape[1]
-    return v[:, torch.arange(SAMPLE_ROWS, device=v.device) * L // SAMPLE_ROWS]
 
 
 def _spacing(largest: torch.Tensor, dtype) -> torch.Tensor:
@@ -62,35 +54,34 @@ def test_shift_and_centred_values(BH, L, DV, dtype, mean, spread, seed):
     # The states kernel's, with the values padded to 64 columns as attention pads them on a GPU.
     padded = F.pad(v, (0, 64 - DV))
     stored = torch.full((BH, 64), float("nan"), device=DEVICE)
-    chunk_states(padded, padded, None, lower=True, upper=False, chunk_size=16, with_z=True, shift_out=stored)
+    chunk_states(padded, padded, None, lower=True, upper=False, chunk_size=16, with_z=True,
+                 value_stats=value_stats(padded), shift_out=stored)
     assert torch.equal(stored[:, DV:], torch.zeros_like(stored[:, DV:]))
     _check_shift(v, stored[:, :DV])
 
 
 def _check_shift(v, shift):
-    """``shift [BH, DV]``: on the grid of the sample's largest magnitude, the nearest grid point
-    to the sample's mean, and ``v - shift`` exact where it stays in ``v``'s binade."""
+    """``shift [BH, DV]``: on the grid of the column's largest magnitude, the nearest grid point
+    to the mean, and ``v - shift`` exact where it stays in ``v``'s binade."""
     dtype = v.dtype
     exact = v.double()
     m = shift.double()
-    sample = _sample(exact)
-    largest = sample.abs().amax(dim=1)
+    largest = exact.abs().amax(dim=1)
     spacing = _spacing(largest, dtype)
     ones = largest > 0
     assert torch.equal(m[~ones], torch.zeros_like(m[~ones]))
-    # On the grid, and the nearest grid point to the sample's mean (summed in float32: allow
-    # its rounding, SAMPLE_ROWS * 2^-24 of the largest |v|).
+    # On the grid, and the nearest grid point to the mean (the mean summed in float32: allow
+    # its rounding, L * 2^-24 of the largest |v|).
     assert torch.equal(torch.remainder(m[ones], spacing[ones]), torch.zeros_like(m[ones]))
-    slack = SAMPLE_ROWS * 2.0**-24 * largest[ones]
-    assert ((m[ones] - sample.mean(dim=1)[ones]).abs() <= spacing[ones] / 2 + slack).all()
+    slack = exact.shape[1] * 2.0**-24 * largest[ones]
+    assert ((m[ones] - exact.mean(dim=1)[ones]).abs() <= spacing[ones] / 2 + slack).all()
     # The kernels' centred values: the float32 difference (exact: both on the grid) rounded
     # once; no rounding at all where it stays in v's binade or below.
     difference = exact - m[:, None, :]
     centred = (v.float() - shift[:, None, :]).to(dtype)
     assert torch.equal(centred.double(), difference.to(dtype).double())
     _, exponent = torch.frexp(exact)
-    _, top = torch.frexp(largest)  # the sample's largest binade: 2^(top-1) <= largest < 2^top
-    in_binade = (difference.abs() < torch.ldexp(torch.ones_like(exact), exponent)) & (exponent <= top[:, None, :])
+    in_binade = difference.abs() < torch.ldexp(torch.ones_like(exact), exponent)
     assert torch.equal(centred.double()[in_binade], difference[in_binade])
 
 
@@ -139,8 +130,8 @@ def test_format_grid():
 
 @pytest.mark.gpu
 def test_same_shift_on_every_call():
-    """The shift comes from fixed rows, added in a fixed order, so it, and with it the outputs'
-    last bits, are the same on every call, in :func:`value_shift` as in the states kernel (where
+    """The blocks' sums are added in a fixed order (no atomics), so the shift, and with it the
+    outputs' last bits, are the same on every call, in :func:`value_shift` as in the states kernel (where
     many programs of a sequence compute it, and one stores it; a GPU test: the interpreter
     runs the programs one after another, where any order would pass)."""
     gen = torch.Generator(device=DEVICE).manual_seed(3)
@@ -149,5 +140,6 @@ def test_same_shift_on_every_call():
     stored = [torch.empty_like(first) for _ in range(5)]
     for shift_out in stored:
         assert torch.equal(first, value_shift(v))
-        chunk_states(v, v, None, lower=True, upper=True, chunk_size=64, with_z=True, shift_out=shift_out)
+        chunk_states(v, v, None, lower=True, upper=True, chunk_size=64, with_z=True, value_stats=value_stats(v),
+                     shift_out=shift_out)
     assert all(torch.equal(stored[0], other) for other in stored[1:])

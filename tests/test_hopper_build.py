@@ -79,7 +79,7 @@ from lionedu.kernels.centring import shift_constants
 precision = sys.argv[1]
 shared = dict(HAS_DECAY=True, SCALAR_DECAY=False, CHUNK=64, DK=64, DV=64, PRECISION=precision)
 kernels = {  # the forward's two launches (lionedu/kernels/autograd.py), LION-S, normalised, bidirectional
-    "states": (chunk_states_kernel, ("L", "N", "seg_chunks"),
+    "states": (chunk_states_kernel, ("L", "N", "stats_blocks", "seg_chunks"),
                dict(FIRST_DIRECTION=0, WITH_Z=True, WITH_U=False, WITH_W=False, SEGMENTED=False, BLOCK_DK=64,
                     BLOCK_DV=64, WEIGHTS_BY_PRODUCT=False, SHIFT_VALUES=True, **shift_constants(torch.float32))),
     "output": (chunk_output_kernel, ("L", "N", "BH"),
@@ -105,7 +105,7 @@ consts = dict(FIRST_DIRECTION=0, HAS_DECAY=True, SCALAR_DECAY=False, WITH_Z="z" 
               PRECISION="tf32x3" if pointer == "*fp32" else "tf32", WEIGHTS_BY_PRODUCT=weighted_sums_by_product(dtype),
               SHIFT_VALUES=sums == "z", **shift_constants(dtype))  # the forward's states centre the values
 # (lionedu/kernels/centring.py)
-ttgir = compile_for_gpu(chunk_states_kernel, consts, ("L", "N", "seg_chunks"),
+ttgir = compile_for_gpu(chunk_states_kernel, consts, ("L", "N", "stats_blocks", "seg_chunks"),
                         dict(k_ptr=pointer, v_ptr=pointer, S_ptr=pointer)).asm["ttgir"]
 dots = ttgir.count("warp_group_dot ") + len(re.findall(r"tt\.dot ", ttgir))  # Hopper's products and mma.sync's
 # the layout of mma.sync's result: which warps hold which rows and columns
@@ -133,12 +133,14 @@ print(json.dumps(result))
 
 COMPILE_CENTRING = PRELUDE + r"""
 import torch
-from lionedu.kernels.centring import shift_constants, shift_kernel
+from lionedu.kernels.centring import ROWS, TILES, shift_constants, shift_kernel, value_stats_kernel
 capability, pointer = int(sys.argv[1]), sys.argv[2]
 dtype = {"*bf16": torch.bfloat16, "*fp16": torch.float16, "*fp32": torch.float32}[pointer]
-shift = compile_for_gpu(shift_kernel, dict(DV=64, **shift_constants(dtype)), ("L",), dict(v_ptr=pointer), capability)
-print(json.dumps(dict(shift=len(shift.asm["cubin"]),
-                      atomics=len(re.findall(r"(?<![\w.])(?:atom|red)\.", shift.asm["ptx"])))))
+stats = compile_for_gpu(value_stats_kernel, dict(DV=64, ROWS=ROWS, TILES=TILES), ("L",), dict(v_ptr=pointer),
+                        capability)
+shift = compile_for_gpu(shift_kernel, dict(DV=64, **shift_constants(dtype)), ("L", "P"), {}, capability)
+print(json.dumps(dict(stats=len(stats.asm["cubin"]), shift=len(shift.asm["cubin"]),
+                      atomics=sum(len(re.findall(r"(?<![\w.])(?:atom|red)\.", k.asm["ptx"])) for k in (stats, shift)))))
 """
 
 
@@ -193,8 +195,8 @@ def test_states_kernel_sums_on_tensor_cores(pointer, sums):
       float32 product is three TF32 products): a reduction over the chunk, and the state's dot
       alone (tf32x3: three products).
     Dev runs §37 and §39 measured both ways. With z (the forward of normalised attention) the
-    kernel also takes the values' shift from a sample of rows before its walk: a sum and a
-    maximum over the sample, two reductions more, outside the walk."""
+    kernel also takes the values' shift from their block sums before its walk: a sum and a
+    maximum over the blocks, two reductions more, outside the walk."""
     counts = _compile(COMPILE_STATES_SUMS, pointer, sums)
     shift = 2 if sums == "z" else 0
     if pointer == "*fp32":
@@ -218,9 +220,9 @@ def test_feature_map_kernels_compile(capability, pointer):
 @pytest.mark.parametrize("capability, dtype", [(90, torch.bfloat16), (90, torch.float16), (90, torch.float32),
                                                (75, torch.float16), (75, torch.float32)])
 def test_centring_kernels_compile(capability, dtype):
-    """The values' shift (lionedu/kernels/centring.py) compiles to machine code for an H100/H200
-    and a T4 in each dtype it takes there, without atomics (a fixed sample added in a fixed
-    order, so a call's bits do not depend on which program finished first)."""
+    """The values' shift (lionedu/kernels/centring.py): both kernels compile to machine code for
+    an H100/H200 and a T4 in each dtype they take there, without atomics (the blocks' sums are
+    added in a fixed order, so a call's bits do not depend on which program finished first)."""
     pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     sizes = _compile(COMPILE_CENTRING, capability, pointer)
-    assert sizes["shift"] > 0 and sizes["atomics"] == 0, sizes
+    assert sizes["stats"] > 0 and sizes["shift"] > 0 and sizes["atomics"] == 0, sizes

@@ -49,7 +49,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .centring import centred_copy
+from .centring import centred_copy, value_stats
 from .decay_gradient import decay_gradient
 from .launch import States, chunk_outputs, chunk_states, next_power_of_2, padded_chunk_sums, persistent_outputs
 from .normaliser import normaliser_gradient
@@ -114,9 +114,10 @@ def attention_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_s
     q_, k_, v_ = (_flatten(t, least) for t in (q, k, v))  # [BH, L, D'], [BH, L, D'], [BH, L, Dv']
     g = chunk_log_decay_sums(log_decay, B, H, L, chunk_size)
     opts = dict(lower=True, upper=not causal, chunk_size=chunk_size)
-    # Normalised: the states kernel centres the values and writes their shift m here.
+    # Normalised: the states kernel centres the values, by their block sums, and writes their shift m.
+    stats = value_stats(v_) if normalize else None
     shift = v_.new_empty(B * H, v_.shape[-1], dtype=torch.float32) if normalize else None  # [BH, Dv']
-    states = chunk_states(k_, v_, g, with_z=normalize, shift_out=shift, **opts)
+    states = chunk_states(k_, v_, g, with_z=normalize, value_stats=stats, shift_out=shift, **opts)
     # The output is written straight into a [B, H, L, Dv'] tensor: an autograd.Function must not
     # return a view of something it made (autograd forbids in-place changes to those).
     y = torch.empty(B, H, L, v_.shape[-1], device=v.device, dtype=v.dtype)

@@ -9,30 +9,36 @@ chunks, ``dN``, the saved output), and the gradients of ``q``, ``k`` and the dec
 of their digits: with values ``1 + 0.02 u`` at L = 4096, bfloat16's dq missed by 1.3 to 23
 relative, float32's by up to 2e-3 (dev runs §41).
 
-``m`` is the mean of each value column over a sample of the sequence's rows (``SAMPLE_ROWS``
-of them, spread evenly along it: all of them for shorter sequences), moved to the nearest
-multiple of the spacing of the dtype's numbers at the sample's largest ``|v|`` (``2^(e - p + 1)``
-for ``2^e <= max |v| < 2^(e+1)`` and ``p`` significant bits). Then ``v - m`` is exact for every
-``v`` that stays in its binade (and is not in a binade above the sample's largest), and where it
-is rounded (a result in a larger binade), the rounding depends on ``v``'s last bits. With the
-mean itself, the subtraction would round every value of a binade the same way: a bias that
-every output averages instead of cancelling (measured: LIT's forward error in bfloat16 went from
-2.5e-3 to 5e-2 with values ``u ~ U[-1, 1]``, whose outputs are close to their small mean).
+``m`` is each sequence's mean value per column, moved to the nearest multiple of the spacing
+of the dtype's numbers at the column's largest ``|v|`` (``2^(e - p + 1)`` for ``2^e <= max |v| <
+2^(e+1)`` and ``p`` significant bits). Then ``v - m`` is exact for every ``v`` that stays in its
+binade, and where it is rounded (a result in a larger binade), the rounding depends on ``v``'s
+last bits. With the mean itself, the subtraction would round every value of a binade the same
+way: a bias that every output averages instead of cancelling (measured: LIT's forward error in
+bfloat16 went from 2.5e-3 to 5e-2 with values ``u ~ U[-1, 1]``, whose outputs are close to their
+small mean).
 
-Any constant ``m`` keeps the identity exact; it only has to be close to the values' common part
-for the cancellations to be between small numbers, and a sample's mean is within a small part
-of the values' spread of the whole sequence's. The sample costs the same at every length and
-needs no pass over the sequence of its own: the states kernel (:mod:`.states`), which needs
-``m`` first, computes it from the sample before its walk (:func:`sampled_shift`) and stores it
-for the later kernels. (v12's first form summed every row in two launches of their own, a
-stats kernel over blocks of rows and a shift kernel: 23-63 µs per forward at L = 1024-16384 on
-an H200; dev runs §42.) ``m`` comes from the whole sequence, also for causal
-attention: an output does not depend on later positions, but its last bits may (through
-``m``). The sample's rows are fixed, so a call gives the same bits every time.
+Any constant ``m`` keeps the identity exact, but it must be the whole sequence's mean, up to the
+grid: what is left of the common part, ``mean - m``, adds up along a walk without decay, to
+``L (mean - m)`` in LIT's states against the ``sqrt(L)``-sized sums of the centred values. (A
+mean of 128 rows spread along the sequence, tried because it needs no pass of its own, made
+LIT's bidirectional bfloat16 dq error 2.6e-2 at L = 4096 against 4.4e-3 with the whole mean,
+on values without a common part; dev runs §42.) ``m`` comes from the whole sequence, also for
+causal attention: an output does not depend on later positions, but its last bits may
+(through ``m``).
 
-The centred values are never stored: the states and output kernels subtract ``m`` as they load
-the values (a stored copy took a read and a write of ``V`` more, +22 µs of the forward's 140 at
-L = 4096).
+:func:`value_stats_kernel` sums each column and finds its largest ``|v|`` over blocks of rows,
+one program per block (so that the pass, a read of ``V``, is bound by memory, not by a long
+loop per program), and :func:`shift_from_stats` adds up a sequence's blocks in a fixed order and
+turns the totals into ``m``: the states kernel (:mod:`.states`), which needs ``m`` first, calls
+it before its walk and stores ``m`` for the later kernels. A call gives the same bits every
+time. (v12's first form had a shift kernel of its own between the two, whose loop over blocks
+took 23-63 µs at L = 1024-16384 on an H200 with the stats kernel; dev runs §42.)
+
+The centred values are never stored (a stored copy took a read and a write of ``V`` more, +22
+µs of the forward's 140 at L = 4096): the output kernel subtracts ``m`` as it loads the
+values, and so does the states kernel for float32 values; for 16-bit ones it subtracts each
+chunk's ``(sum_j k_j) m^T`` from the chunk's product, which takes ``V`` as it is (:mod:`.states`).
 """
 from __future__ import annotations
 
@@ -44,9 +50,12 @@ import triton.language as tl
 
 from .fast_launch import Launcher
 
-__all__ = ["value_shift", "sampled_shift", "shifted_rows", "centred_copy", "format_grid", "shift_constants"]
+__all__ = ["value_stats", "value_shift", "shift_from_stats", "shifted_rows", "centred_copy", "format_grid",
+           "shift_constants"]
 
-SAMPLE_ROWS = 128  # rows of the sample the shift is taken from (a power of two)
+ROWS = 64  # rows per tile of the stats kernel
+TILES = 4  # tiles per program: each program sums ROWS * TILES rows
+STATS_BLOCK = 64  # blocks of rows shift_from_stats adds per step
 
 
 def format_grid(dtype: torch.dtype) -> tuple:
@@ -60,17 +69,43 @@ def format_grid(dtype: torch.dtype) -> tuple:
 
 
 def shift_constants(dtype: torch.dtype) -> dict:
-    """The compile-time constants of :func:`sampled_shift` for values of ``dtype``."""
+    """The compile-time constants of :func:`shift_from_stats` for values of ``dtype``."""
     bits, finest = format_grid(dtype)
-    return dict(SAMPLE=SAMPLE_ROWS, BITS=bits, FINEST=finest, LIMIT=torch.finfo(dtype).max / 2)
+    return dict(STATS_BLOCK=STATS_BLOCK, BITS=bits, FINEST=finest, LIMIT=torch.finfo(dtype).max / 2)
 
 
 @triton.jit
-def _shift(total, largest, count, BITS: tl.constexpr, FINEST: tl.constexpr, LIMIT: tl.constexpr):
-    """Each column's shift ``m`` float32 from the sum ``total`` of ``count`` values and their
-    largest magnitude ``largest`` (both ``[W]``): the mean on the grid of the dtype's numbers at
-    ``largest`` (module docstring)."""
-    mean = total / count
+def value_stats_kernel(
+    v_ptr,  # values [BH, L, DV], contiguous
+    stats_ptr,  # out: [BH, P, 2, DV] float32, P = the grid's first axis: each block's column sums,
+    # then its largest |v| per column
+    L,
+    DV: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
+):
+    bh = tl.program_id(1).to(tl.int64)
+    block = tl.program_id(0)
+    cols = tl.arange(0, DV)
+    total = tl.zeros([ROWS, DV], dtype=tl.float32)
+    largest = tl.zeros([ROWS, DV], dtype=tl.float32)
+    # A few tiles per program, unrolled (their loads all in flight at once), reduced over rows
+    # once at the end. (A loop over 16 tiles of 32 rows in 512 programs was bound by the loop's
+    # latency: 23-63 µs where the read takes 8-32; dev runs §42.)
+    for tile in tl.static_range(TILES):
+        rows = (block * TILES + tile) * ROWS + tl.arange(0, ROWS)
+        x = tl.load(v_ptr + (bh * L + rows[:, None]) * DV + cols[None, :], mask=(rows < L)[:, None], other=0.0)
+        x = x.to(tl.float32)
+        total += x
+        largest = tl.maximum(largest, tl.abs(x))
+    at = (bh * tl.num_programs(0) + block) * 2 * DV
+    tl.store(stats_ptr + at + cols, tl.sum(total, axis=0))
+    tl.store(stats_ptr + at + DV + cols, tl.max(largest, axis=0))
+
+
+@triton.jit
+def _shift(total, largest, L, BITS: tl.constexpr, FINEST: tl.constexpr, LIMIT: tl.constexpr):
+    """Each column's shift ``m`` float32 from its sum ``total`` and largest magnitude ``largest``
+    (both ``[W]``): the mean on the grid of the dtype's numbers at ``largest`` (module docstring)."""
+    mean = total / L
     # The biased exponent of `largest` (float32 bits 23-30): floor(log2 |v|) + 127, exactly.
     exponent = (largest.to(tl.int32, bitcast=True) >> 23) & 0xFF
     # The spacing 2^(e - BITS + 1), written straight into a float32's exponent bits, at least
@@ -83,30 +118,36 @@ def _shift(total, largest, count, BITS: tl.constexpr, FINEST: tl.constexpr, LIMI
 
 
 @triton.jit
-def sampled_shift(v_ptr, bh, L, cols, DV: tl.constexpr, SAMPLE: tl.constexpr, BITS: tl.constexpr,
-                  FINEST: tl.constexpr, LIMIT: tl.constexpr):
-    """The shift ``m`` float32 of the value columns ``cols [W]`` of sequence ``bh`` (values
-    ``[BH, L, DV]``, contiguous), from ``SAMPLE`` rows spread evenly along it: rows
-    ``floor(i L / SAMPLE)``, ``i = 0 .. SAMPLE - 1`` (each row once where ``L >= SAMPLE``, else
-    some twice: any weights give a usable shift). ``BITS``, ``FINEST``, ``LIMIT``:
+def shift_from_stats(stats_ptr, bh, P, L, cols, DV: tl.constexpr, STATS_BLOCK: tl.constexpr, BITS: tl.constexpr,
+                     FINEST: tl.constexpr, LIMIT: tl.constexpr):
+    """The shift ``m`` float32 of the value columns ``cols [W]`` of sequence ``bh``, from the
+    ``P`` blocks of :func:`value_stats_kernel` (``stats_ptr``: ``[BH, P, 2, DV]``), added
+    ``STATS_BLOCK`` blocks at a time, in order. ``BITS``, ``FINEST``, ``LIMIT``:
     :func:`shift_constants`."""
-    rows = (tl.arange(0, SAMPLE).to(tl.int64) * L) // SAMPLE  # 0 <= row < L
-    x = tl.load(v_ptr + (bh * L + rows[:, None]) * DV + cols[None, :]).to(tl.float32)  # [SAMPLE, W]
-    return _shift(tl.sum(x, axis=0), tl.max(tl.abs(x), axis=0), SAMPLE, BITS, FINEST, LIMIT)
+    total = tl.zeros_like(cols).to(tl.float32)
+    largest = tl.zeros_like(cols).to(tl.float32)
+    for first in range(0, P, STATS_BLOCK):
+        blocks = first + tl.arange(0, STATS_BLOCK)
+        at = ((bh * P + blocks[:, None]) * 2) * DV + cols[None, :]
+        ok = (blocks < P)[:, None]
+        total += tl.sum(tl.load(stats_ptr + at, mask=ok, other=0.0), axis=0)
+        largest = tl.maximum(largest, tl.max(tl.load(stats_ptr + at + DV, mask=ok, other=0.0), axis=0))
+    return _shift(total, largest, L, BITS, FINEST, LIMIT)
 
 
 @triton.jit
 def shift_kernel(
-    v_ptr,  # values [BH, L, DV], contiguous
+    stats_ptr,  # [BH, P, 2, DV] float32 from value_stats_kernel
     shift_ptr,  # out: m [BH, DV] float32
-    L,
-    DV: tl.constexpr, SAMPLE: tl.constexpr, BITS: tl.constexpr, FINEST: tl.constexpr, LIMIT: tl.constexpr,
+    L, P,  # sequence length, blocks of rows
+    DV: tl.constexpr, STATS_BLOCK: tl.constexpr, BITS: tl.constexpr, FINEST: tl.constexpr, LIMIT: tl.constexpr,
 ):
     """The shift alone, one program per sequence (:func:`value_shift`); attention takes it from
-    the states kernel, which computes it with the same :func:`sampled_shift`."""
+    the states kernel, which computes it with the same :func:`shift_from_stats`."""
     bh = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, DV)
-    tl.store(shift_ptr + bh * DV + cols, sampled_shift(v_ptr, bh, L, cols, DV, SAMPLE, BITS, FINEST, LIMIT))
+    tl.store(shift_ptr + bh * DV + cols, shift_from_stats(stats_ptr, bh, P, L, cols, DV, STATS_BLOCK, BITS, FINEST,
+                                                          LIMIT))
 
 
 @triton.jit
@@ -118,17 +159,31 @@ def shifted_rows(x, shift, row_ok):
     return tl.where(row_ok[:, None], x.to(tl.float32) - shift[None, :], 0.0).to(x.dtype)
 
 
+_launch_stats = Launcher(value_stats_kernel)
 _launch_shift = Launcher(shift_kernel)
+
+
+def value_stats(v: torch.Tensor) -> torch.Tensor:
+    """Column sums and largest magnitudes of ``v [BH, L, DV]`` (contiguous, ``DV`` a power of
+    two) per block of ``ROWS * TILES`` rows: ``[BH, P, 2, DV]`` float32, for
+    :func:`shift_from_stats` (the states kernel, :func:`value_shift`)."""
+    BH, L, DV = v.shape
+    P = -(-L // (ROWS * TILES))  # blocks of rows
+    stats = torch.empty(BH, P, 2, DV, device=v.device, dtype=torch.float32)
+    _launch_stats((P, BH), v, stats, L, DV=DV, ROWS=ROWS, TILES=TILES, num_warps=4 if DV <= 64 else 8, num_stages=1)
+    return stats
 
 
 def value_shift(v: torch.Tensor) -> torch.Tensor:
     """The shift ``m [BH, DV]`` float32 for values ``v [BH, L, DV]`` (contiguous, ``DV`` a power
-    of two): module docstring. The states kernel computes the same for attention; the kernels
-    subtract it as they load the values (``(v - m)`` in float32, rounded to ``v``'s dtype:
-    exact wherever it stays in ``v``'s binade)."""
+    of two): module docstring. The states kernel computes the same for attention, from the same
+    :func:`value_stats`; the kernels subtract it from the values (``v - m`` in float32, exact
+    wherever it stays in ``v``'s binade)."""
     BH, L, DV = v.shape
+    stats = value_stats(v)
     shift = torch.empty(BH, DV, device=v.device, dtype=torch.float32)
-    _launch_shift((BH,), v, shift, L, DV=DV, **shift_constants(v.dtype), num_warps=4, num_stages=1)
+    _launch_shift((BH,), stats, shift, L, stats.shape[1], DV=DV, **shift_constants(v.dtype), num_warps=4,
+                  num_stages=1)
     return shift
 
 

@@ -208,17 +208,20 @@ def _flags(q, g, chunk_size):
 
 
 def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: bool = False,
-                 with_u: bool = False, col_offset=None, shift_out=None) -> States:
+                 with_u: bool = False, col_offset=None, value_stats=None, shift_out=None) -> States:
     """Kernel 1: the states every chunk reads, for keys ``k [BH, L, DK]`` and values ``v [BH, L, DV]``.
 
     ``lower`` / ``upper`` ask for the forward states (keys before each chunk) and the
     backward states (keys after it); ``with_z``, ``with_u`` and ``col_offset`` (``b [BH, L]``
-    float32) for the key sums, value sums and offset-weighted value sums; ``shift_out``
-    (a ``[BH, DV]`` float32 tensor): the states of the centred values ``v - m``, the kernel
-    writing the shift ``m`` there (:mod:`.centring`).
+    float32) for the key sums, value sums and offset-weighted value sums; ``value_stats``
+    (:func:`.centring.value_stats` of ``v``) and ``shift_out`` (a ``[BH, DV]`` float32 tensor),
+    together: the states of the centred values ``v - m``, the kernel writing the shift ``m``
+    to ``shift_out`` (:mod:`.centring`).
     """
     if not (lower or upper):
         raise ValueError("chunk_states needs lower, upper or both")
+    if (shift_out is None) != (value_stats is None):
+        raise ValueError("chunk_states takes value_stats and shift_out together")
     if shift_out is not None and not with_z:
         raise ValueError("chunk_states centres the values (shift_out) only with the key sums (with_z)")
     BH, L, DK = k.shape
@@ -243,7 +246,8 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
     _launch_states(
         (BH, (DK // cfg["states_block_dk"]) * (DV // cfg["states_block_dv"]), slots * segments),
         k, v, _or_dummy(g, k), _or_dummy(col_offset, k), st.S, *(_or_dummy(t, k) for t in st[1:]),
-        _or_dummy(ends, k), _or_dummy(gamma, k), _or_dummy(shift_out, k), L, N, seg_chunks, SEGMENTED=segments > 1,
+        _or_dummy(ends, k), _or_dummy(gamma, k), _or_dummy(value_stats, k), _or_dummy(shift_out, k), L, N,
+        0 if value_stats is None else value_stats.shape[1], seg_chunks, SEGMENTED=segments > 1,
         SHIFT_VALUES=shift_out is not None, **shift_constants(v.dtype), **switches,
         BLOCK_DK=cfg["states_block_dk"], BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"],
         num_stages=cfg["states_stages"], WEIGHTS_BY_PRODUCT=weighted_sums_by_product(v.dtype), **_flags(k, g, chunk_size))
@@ -273,8 +277,6 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
     """
     if shifted_out is not None and (shift is None or shifted != "v"):
         raise ValueError("shifted_out needs the values' shift (shift, shifted='v')")
-    if partner is not None and shift is not None and shifted == "v":
-        raise ValueError("chunk_outputs does not take a partner with shifted values (shifted='v')")
     if row_offset is not None and col_offset is not None:
         raise ValueError("chunk_outputs takes a row offset or a column offset, not both")
     if normalize and not with_den:

@@ -24,16 +24,17 @@ Three vectors ride along when the caller needs them:
 ``w = sum_j (decay) b_j v_j`` (for scores with a column offset ``b_j``).
 
 With ``SHIFT_VALUES`` the values are centred as they are loaded, ``v_j - m``: each program
-computes the shift ``m`` of its value columns from a sample of the sequence's rows before it
-walks, and the programs of the first slot and segment store it for the later kernels
-(:mod:`.centring`).
+computes the shift ``m`` of its value columns from the values' block sums before it walks,
+and the programs of the first slot and segment store it for the later kernels
+(:mod:`.centring`). Float32 values are centred as loaded; for 16-bit ones, each chunk's
+product takes ``V_n`` as it is and ``(sum_j k_j) m^T`` is subtracted from it.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .centring import sampled_shift, shifted_rows
+from .centring import shift_from_stats, shifted_rows
 from .decays import chunk_log_decays
 
 
@@ -83,8 +84,11 @@ def chunk_states_kernel(
     z_ptr, u_ptr, w_ptr,  # out: [slots, BH, N, DK], [slots, BH, N, DV], [slots, BH, N, DV] float32
     ends_ptr,  # out (SEGMENTED): each segment's end record [slots, BH, P, RECORD] float32 (carries.py)
     gamma_ptr,  # out (SEGMENTED with decays): log decay from each chunk to its segment's edge [slots, BH, N]
+    stats_ptr,  # the values' block sums and largest magnitudes [BH, P_stats, 2, DV] float32 (SHIFT_VALUES;
+    # centring.value_stats)
     shift_ptr,  # out (SHIFT_VALUES): the values' shift m [BH, DV] float32
     L, N,  # sequence length, number of chunks
+    stats_blocks,  # P_stats, blocks of rows in stats (SHIFT_VALUES)
     seg_chunks,  # chunks per segment (N when the walk is not split)
     FIRST_DIRECTION: tl.constexpr,  # direction of slot 0: 0 forward (H), 1 backward (R)
     HAS_DECAY: tl.constexpr,  # False for LIT: every decay is 1, no exponentials at all
@@ -97,7 +101,7 @@ def chunk_states_kernel(
     PRECISION: tl.constexpr,  # float32 inputs: launch.float32_dot_precision; ignored for 16-bit
     WEIGHTS_BY_PRODUCT: tl.constexpr,  # u and w by _weighted_value_sum's product (launch: bfloat16 only)
     SHIFT_VALUES: tl.constexpr,  # centre the values as they are loaded: v_j - m (centring.py)
-    SAMPLE: tl.constexpr, BITS: tl.constexpr, FINEST: tl.constexpr, LIMIT: tl.constexpr,  # the shift's
+    STATS_BLOCK: tl.constexpr, BITS: tl.constexpr, FINEST: tl.constexpr, LIMIT: tl.constexpr,  # the shift's
     # constants (centring.shift_constants)
 ):
     # ---- Which piece of work is ours ----------------------------------------------------
@@ -144,11 +148,11 @@ def chunk_states_kernel(
         u = tl.zeros([BLOCK_DV], dtype=tl.float32)
         w = tl.zeros([BLOCK_DV], dtype=tl.float32)
 
-    # Normalised attention: the shift of our value columns, from a sample of the sequence's
-    # rows (every program of the sequence computes the same bits; the first slot's first
-    # segment stores them, for the output kernel and the backward pass).
+    # Normalised attention: the shift of our value columns, from the values' block sums (every
+    # program of the sequence computes the same bits; the first slot's first segment stores
+    # them, for the output kernel and the backward pass).
     if SHIFT_VALUES:
-        shift = sampled_shift(v_ptr, bh, L, dv, DV, SAMPLE, BITS, FINEST, LIMIT)
+        shift = shift_from_stats(stats_ptr, bh, stats_blocks, L, dv, DV, STATS_BLOCK, BITS, FINEST, LIMIT)
         if k_tile == 0 and tl.program_id(2) == 0:
             tl.store(shift_ptr + bh * DV + dv, shift)
 
@@ -212,8 +216,8 @@ def chunk_states_kernel(
                 if SHIFT_VALUES:
                     # sum_j k_j (v_j - m)^T = sum_j k_j v_j^T - (sum_j k_j) m^T, in float32 (the
                     # keys as rounded for both products). Subtracting m from V_n as it is loaded
-                    # instead took V_n through registers into the product: +16 µs of the
-                    # kernel's 70 at L = 4096 (dev runs §42).
+                    # puts that work between the load and the product, on the walk's chain:
+                    # the forward was 0-6 % slower that way (dev runs §42).
                     S -= key_sums * shift[None, :]
             else:
                 # float32: the product would be three TF32 products ("tf32x3"), slower than the
