@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lionedu.kernels.centring import format_grid, value_shift, value_stats
+from lionedu.kernels.centring import ROWS, STATS_BLOCK, TILES, format_grid, value_shift, value_stats
 from lionedu.kernels.launch import chunk_states
 from devices import KERNEL_DEVICE as DEVICE
 
@@ -85,6 +85,21 @@ def _check_shift(v, shift):
     assert torch.equal(centred.double()[in_binade], difference[in_binade])
 
 
+def test_shift_of_a_long_sequence():
+    """More blocks of rows than :func:`shift_from_stats` adds in one step (``STATS_BLOCK``), so that
+    its loop over them takes more than one step, in value_shift and in the states kernel."""
+    L = ROWS * TILES * STATS_BLOCK + 300
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    v = (3 + torch.randn(1, L, 16, generator=gen, device=DEVICE)).half()
+    assert value_stats(v).shape[1] > STATS_BLOCK
+    _check_shift(v, value_shift(v))
+    padded = F.pad(v, (0, 48))
+    stored = torch.full((1, 64), float("nan"), device=DEVICE)
+    chunk_states(padded, padded, None, lower=True, upper=False, chunk_size=64, with_z=True,
+                 value_stats=value_stats(padded), shift_out=stored)
+    _check_shift(v, stored[:, :16])
+
+
 def test_mean_as_shift_rounds_every_value_alike():
     """Why the shift is moved onto the grid: with the mean itself (off the grid by a fixed
     fraction of the spacing), ``v - mean`` rounds every value of a binade the same way, so the
@@ -143,3 +158,4 @@ def test_same_shift_on_every_call():
         chunk_states(v, v, None, lower=True, upper=True, chunk_size=64, with_z=True, value_stats=value_stats(v),
                      shift_out=shift_out)
     assert all(torch.equal(stored[0], other) for other in stored[1:])
+    _check_shift(v, stored[0])

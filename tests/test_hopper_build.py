@@ -186,7 +186,8 @@ def test_states_kernel_sums_on_tensor_cores(pointer, sums):
     """The sums that ride along the states, with the switches the launcher passes: the
     normaliser's key sums z (forward) and the value sums u, w (the backward's offsets).
 
-    - z, 16-bit: a second tensor-core product, with a block of ones; no reduction left.
+    - z, 16-bit: a second tensor-core product, with a block of ones; no reduction left in the
+      walk (the two counted with z are the shift's, before the walk: below).
     - u and w, bfloat16: a second product, their weights as a [16, C] block (mma.sync), and one
       reduction of its 16 rows when stored; the product's layout puts the four warps side by
       side along the columns (warpsPerCTA [1, 4]), so each warp holds all 16 rows of its

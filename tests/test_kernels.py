@@ -172,6 +172,23 @@ def test_short_values_with_a_common_part(L, variant):
         assert_close(errors, torch.float16)
 
 
+@pytest.mark.parametrize("variant", ["lit", "s"])
+def test_values_with_a_common_part_in_tiles_and_segments(variant, monkeypatch):
+    """The centred path with the states kernel's narrower tiles and its walks in segments, as the
+    plan gives them to one sequence on a GPU of 132 multiprocessors (on the CPU it sees one and
+    gives each walk a whole program): float16, values 1 + 0.02 u, each gradient by its own norm.
+    Each tile subtracts its share of the shift after each chunk's product, one program per
+    sequence and value tile stores the shift, and the carries add centred segment states."""
+    from lionedu.kernels import launch
+
+    monkeypatch.setattr(launch, "_multiprocessors", lambda device: 132)
+    block_dk, block_dv, segments = launch.states_plan(64, 64, 2, 38, 132)
+    assert block_dk * block_dv < 64 * 64 and segments > 1  # the plan this test is for
+    errors = compare(1, 1, 600, 40, 40, variant, False, True, 16, torch.float16, DEVICE, seed=7, value_mean=1.0,
+                     value_spread=0.02, direct=True, own_norms=True)
+    assert_own_norms(errors)
+
+
 @pytest.mark.parametrize("D,Dv", [(130, 7), (9, 200)])
 def test_wide_heads(D, Dv):
     """Head dims past 128 take the wide launch configuration (padded to 256)."""

@@ -32,13 +32,15 @@ one program per block (so that the pass, a read of ``V``, is bound by memory, no
 loop per program), and :func:`shift_from_stats` adds up a sequence's blocks in a fixed order and
 turns the totals into ``m``: the states kernel (:mod:`.states`), which needs ``m`` first, calls
 it before its walk and stores ``m`` for the later kernels. A call gives the same bits every
-time. (v12's first form had a shift kernel of its own between the two, whose loop over blocks
-took 23-63 µs at L = 1024-16384 on an H200 with the stats kernel; dev runs §42.)
+time. (v12's first form had a shift kernel of its own between the two, which looped over the
+blocks one load at a time, and a stats kernel whose programs looped over 16 tiles each: the two
+took 23-63 µs at L = 1024-16384 on an H200; dev runs §42.)
 
 The centred values are never stored (a stored copy took a read and a write of ``V`` more, +22
 µs of the forward's 140 at L = 4096): the output kernel subtracts ``m`` as it loads the
 values, and so does the states kernel for float32 values; for 16-bit ones it subtracts each
-chunk's ``(sum_j k_j) m^T`` from the chunk's product, which takes ``V`` as it is (:mod:`.states`).
+chunk's ``(sum_j k_j) m^T`` from the chunk's product, which takes ``V`` as it is (:mod:`.states`;
+in tiles up to 64 x 64, the measured ones).
 """
 from __future__ import annotations
 
@@ -176,9 +178,10 @@ def value_stats(v: torch.Tensor) -> torch.Tensor:
 
 def value_shift(v: torch.Tensor) -> torch.Tensor:
     """The shift ``m [BH, DV]`` float32 for values ``v [BH, L, DV]`` (contiguous, ``DV`` a power
-    of two): module docstring. The states kernel computes the same for attention, from the same
-    :func:`value_stats`; the kernels subtract it from the values (``v - m`` in float32, exact
-    wherever it stays in ``v``'s binade)."""
+    of two): module docstring. The states kernel computes it for attention with the same
+    :func:`value_stats` and :func:`shift_from_stats` (its tiles may add the blocks' sums in
+    another order, so the last bit of the mean, and rarely ``m``, may differ); the kernels
+    subtract it from the values (``v - m`` in float32, exact wherever it stays in ``v``'s binade)."""
     BH, L, DV = v.shape
     stats = value_stats(v)
     shift = torch.empty(BH, DV, device=v.device, dtype=torch.float32)

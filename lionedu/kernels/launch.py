@@ -222,8 +222,9 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
         raise ValueError("chunk_states needs lower, upper or both")
     if (shift_out is None) != (value_stats is None):
         raise ValueError("chunk_states takes value_stats and shift_out together")
-    if shift_out is not None and not with_z:
-        raise ValueError("chunk_states centres the values (shift_out) only with the key sums (with_z)")
+    if shift_out is not None and (not with_z or with_u or col_offset is not None):
+        raise ValueError("chunk_states centres the values (shift_out) only with the key sums (with_z), "
+                         "without the value sums (with_u, col_offset)")
     BH, L, DK = k.shape
     DV = v.shape[-1]
     N = ceil_div(L, chunk_size)

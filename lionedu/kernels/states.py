@@ -23,11 +23,12 @@ Three vectors ride along when the caller needs them:
 ``u = sum_j (decay) v_j`` (for scores with a row offset ``a_i``) and
 ``w = sum_j (decay) b_j v_j`` (for scores with a column offset ``b_j``).
 
-With ``SHIFT_VALUES`` the values are centred as they are loaded, ``v_j - m``: each program
+With ``SHIFT_VALUES`` the states are those of the centred values ``v_j - m``: each program
 computes the shift ``m`` of its value columns from the values' block sums before it walks,
 and the programs of the first slot and segment store it for the later kernels
-(:mod:`.centring`). Float32 values are centred as loaded; for 16-bit ones, each chunk's
-product takes ``V_n`` as it is and ``(sum_j k_j) m^T`` is subtracted from it.
+(:mod:`.centring`). For 16-bit values in tiles up to 64 x 64, each chunk's product takes ``V_n``
+as it is and ``(sum_j k_j) m^T`` is subtracted from it; float32 values and wider tiles are
+centred as they are loaded.
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def chunk_states_kernel(
     BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,  # the tile of the state this program owns
     PRECISION: tl.constexpr,  # float32 inputs: launch.float32_dot_precision; ignored for 16-bit
     WEIGHTS_BY_PRODUCT: tl.constexpr,  # u and w by _weighted_value_sum's product (launch: bfloat16 only)
-    SHIFT_VALUES: tl.constexpr,  # centre the values as they are loaded: v_j - m (centring.py)
+    SHIFT_VALUES: tl.constexpr,  # the states of the centred values v_j - m (centring.py; needs WITH_Z, not u or w)
     STATS_BLOCK: tl.constexpr, BITS: tl.constexpr, FINEST: tl.constexpr, LIMIT: tl.constexpr,  # the shift's
     # constants (centring.shift_constants)
 ):
@@ -130,13 +131,17 @@ def chunk_states_kernel(
     # inputs sum it by a reduction and carry the same 16 columns, for one store path (their
     # benchmark did not move, dev runs §37). Stores of z address row dk in every column
     # (dk[:, None] + 0 * z_column, the pointer in z's shape) and keep column 0.
-    # Centring 16-bit values, z is as wide as the tile: its product is then also each chunk's key
-    # sums in S's shape, with which S subtracts the shift's share (below).
-    Z_WIDTH: tl.constexpr = BLOCK_DV if SHIFT_VALUES else 16
+    Z_BY_PRODUCT: tl.constexpr = v_ptr.dtype.element_ty != tl.float32  # z on the tensor cores
+    # Centring 16-bit values in tiles up to 64 x 64 (the measured ones), the states subtract the
+    # shift's share after each chunk's product (below), and z is as wide as the tile: its product
+    # is then also each chunk's key sums in S's shape. Wider tiles, and float32, centre the values
+    # as loaded (a 256 x 32 tile with a tile-wide z spilled registers).
+    tl.static_assert(WITH_Z or not SHIFT_VALUES, "centring needs the key sums z")
+    CENTRE_AFTER: tl.constexpr = SHIFT_VALUES and Z_BY_PRODUCT and BLOCK_DK * BLOCK_DV <= 4096
+    Z_WIDTH: tl.constexpr = BLOCK_DV if CENTRE_AFTER else 16
     S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
     z = tl.zeros([BLOCK_DK, Z_WIDTH], dtype=tl.float32)
     z_column = tl.arange(0, Z_WIDTH)[None, :]
-    Z_BY_PRODUCT: tl.constexpr = v_ptr.dtype.element_ty != tl.float32  # z on the tensor cores
     if Z_BY_PRODUCT:
         ones = tl.full([CHUNK, Z_WIDTH], 1.0, v_ptr.dtype.element_ty)
     # u and w likewise where the launcher says so: [16, BLOCK_DV] blocks whose rows add up to
@@ -185,7 +190,7 @@ def chunk_states_kernel(
         k = tl.load(k_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
         v = tl.load(v_ptr + (bh * L + rows[:, None]) * DV + dv[None, :], mask=row_ok[:, None], other=0.0)
         if SHIFT_VALUES:
-            if not Z_BY_PRODUCT:  # float32 values are centred as loaded (16-bit: after the product)
+            if not CENTRE_AFTER:  # centred as loaded (else after the product, below)
                 v = shifted_rows(v, shift, row_ok)
 
         # ---- Decay each key to the chunk's edge, and the state across the whole chunk ------
@@ -213,7 +218,7 @@ def chunk_states_kernel(
                 # It sums the scaled keys as rounded for the tensor cores, as S uses them.
                 key_sums = tl.dot(k_scaled_t, ones)  # [BLOCK_DK, Z_WIDTH], every column the same
                 z = carry * z + key_sums
-                if SHIFT_VALUES:
+                if CENTRE_AFTER:
                     # sum_j k_j (v_j - m)^T = sum_j k_j v_j^T - (sum_j k_j) m^T, in float32 (the
                     # keys as rounded for both products). Subtracting m from V_n as it is loaded
                     # puts that work between the load and the product, on the walk's chain:
