@@ -10,8 +10,8 @@ Layout (book chapter 6; the chunkwise form is derived in chapter 4): :mod:`.stat
 kernel 1, the chunk states (a sequential walk over chunks that does nothing but update the
 state), :mod:`.output` kernel 2, every chunk's output with all chunks in parallel;
 :mod:`.carries` completes the states of walks split into segments (few, long sequences);
-:mod:`.centring` makes the values' shift, with which normalised attention runs on centred values
-(book chapter 8, section 10);
+:mod:`.centring` makes the values' block sums, from which kernel 1 takes the values' shift, with
+which normalised attention runs on centred values (book chapter 8, sections 10 and 11);
 :mod:`.launch` runs the two kernels as one masked operator; :mod:`.autograd` the
 ``torch.autograd.Function`` that makes attention and its gradients out of operators (book
 chapters 6 and 7); :mod:`.fast_launch` launches the compiled kernels without Triton's per-call
@@ -98,8 +98,9 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     and the host overhead matters. Shapes, dtypes and devices are always checked.
 
     Speed: at short lengths a step is bound by the host, not the GPU: eight Triton launches
-    from Python, six of them in the backward (ten where few sequences have their walks split
-    into segments, :mod:`.carries`). Capturing the training step in a CUDA graph removes that
+    from Python, six of them in the backward (nine normalised: the values' block sums for the
+    centring, :mod:`.centring`; more where few sequences have their walks split into segments,
+    :mod:`.carries`). Capturing the training step in a CUDA graph removes that
     cost (results/NOTES.md): ``torch.cuda.graphs``, or ``torch.compile(mode="reduce-overhead")``,
     under which this call becomes two custom operators (:mod:`.compiled`; the value check is a
     host read, so compile with ``check_values=False``).
