@@ -138,6 +138,20 @@ def test_tiny_values_keep_to_the_dtype():
     assert torch.equal(torch.remainder(shift, 2.0**-24), torch.zeros_like(shift))
 
 
+def test_centring_asks_for_what_it_needs():
+    """The launcher refuses the combinations the states kernel does not centre: the stats without a
+    place for the shift (or the reverse), centring without the key sums z (from whose product the
+    16-bit states subtract the shift's share), and centring with the value sums u, w."""
+    v = torch.randn(1, 40, 16, device=DEVICE)
+    stats, shift = value_stats(v), torch.empty(1, 16, device=DEVICE)
+    opts = dict(lower=True, upper=False, chunk_size=16)
+    for bad in (dict(with_z=True, value_stats=stats), dict(with_z=True, shift_out=shift),
+                dict(value_stats=stats, shift_out=shift), dict(with_z=True, with_u=True, value_stats=stats, shift_out=shift),
+                dict(with_z=True, col_offset=torch.zeros(1, 40, device=DEVICE), value_stats=stats, shift_out=shift)):
+        with pytest.raises(ValueError, match="chunk_states"):
+            chunk_states(v, v, None, **opts, **bad)
+
+
 def test_format_grid():
     """The bits and finest spacing derived from torch.finfo are the ones written out above."""
     assert all(format_grid(dtype) == expected for dtype, expected in FORMAT.items())
