@@ -51,13 +51,19 @@ def test_shift_and_centred_values(BH, L, DV, dtype, mean, spread, seed):
     shift = value_shift(v)
     assert shift.shape == (BH, DV) and shift.dtype == torch.float32
     _check_shift(v, shift)
-    # The states kernel's, with the values padded to 64 columns as attention pads them on a GPU.
+    _check_shift(v, _states_kernel_shift(v, chunk_size=16))
+
+
+def _states_kernel_shift(v, chunk_size):
+    """The shift the states kernel stores for values ``v [BH, L, DV]``, padded to 64 columns as
+    attention pads them on a GPU (the padding's shift must be 0): ``[BH, DV]``."""
+    BH, _, DV = v.shape
     padded = F.pad(v, (0, 64 - DV))
     stored = torch.full((BH, 64), float("nan"), device=DEVICE)
-    chunk_states(padded, padded, None, lower=True, upper=False, chunk_size=16, with_z=True,
+    chunk_states(padded, padded, None, lower=True, upper=False, chunk_size=chunk_size, with_z=True,
                  value_stats=value_stats(padded), shift_out=stored)
     assert torch.equal(stored[:, DV:], torch.zeros_like(stored[:, DV:]))
-    _check_shift(v, stored[:, :DV])
+    return stored[:, :DV]
 
 
 def _check_shift(v, shift):
@@ -93,11 +99,7 @@ def test_shift_of_a_long_sequence():
     v = (3 + torch.randn(1, L, 16, generator=gen, device=DEVICE)).half()
     assert value_stats(v).shape[1] > STATS_BLOCK
     _check_shift(v, value_shift(v))
-    padded = F.pad(v, (0, 48))
-    stored = torch.full((1, 64), float("nan"), device=DEVICE)
-    chunk_states(padded, padded, None, lower=True, upper=False, chunk_size=64, with_z=True,
-                 value_stats=value_stats(padded), shift_out=stored)
-    _check_shift(v, stored[:, :16])
+    _check_shift(v, _states_kernel_shift(v, chunk_size=64))
 
 
 def test_mean_as_shift_rounds_every_value_alike():

@@ -169,8 +169,10 @@ def value_stats(v: torch.Tensor) -> torch.Tensor:
     """Column sums and largest magnitudes of ``v [BH, L, DV]`` (contiguous, ``DV`` a power of
     two) per block of ``ROWS * TILES`` rows: ``[BH, P, 2, DV]`` float32, for
     :func:`shift_from_stats` (the states kernel, :func:`value_shift`)."""
+    from .launch import ceil_div  # (launch imports this module)
+
     BH, L, DV = v.shape
-    P = -(-L // (ROWS * TILES))  # blocks of rows
+    P = ceil_div(L, ROWS * TILES)  # blocks of rows
     stats = torch.empty(BH, P, 2, DV, device=v.device, dtype=torch.float32)
     _launch_stats((P, BH), v, stats, L, DV=DV, ROWS=ROWS, TILES=TILES, num_warps=4 if DV <= 64 else 8, num_stages=1)
     return stats

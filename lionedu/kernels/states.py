@@ -137,7 +137,7 @@ def chunk_states_kernel(
     # is then also each chunk's key sums in S's shape. Wider tiles, and float32, centre the values
     # as loaded (a 256 x 32 tile with a tile-wide z spilled registers).
     tl.static_assert(WITH_Z or not SHIFT_VALUES, "centring needs the key sums z")
-    CENTRE_AFTER: tl.constexpr = SHIFT_VALUES and Z_BY_PRODUCT and BLOCK_DK * BLOCK_DV <= 4096
+    CENTRE_AFTER: tl.constexpr = SHIFT_VALUES and Z_BY_PRODUCT and BLOCK_DK * BLOCK_DV <= 64 * 64
     Z_WIDTH: tl.constexpr = BLOCK_DV if CENTRE_AFTER else 16
     S = tl.zeros([BLOCK_DK, BLOCK_DV], dtype=tl.float32)
     z = tl.zeros([BLOCK_DK, Z_WIDTH], dtype=tl.float32)
