@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lionedu.kernels.centring import ROWS, STATS_BLOCK, TILES, format_grid, value_shift, value_stats
+from lionedu.kernels import centring
+from lionedu.kernels.centring import STATS_BLOCK, format_grid, stats_rows, value_shift, value_stats
 from lionedu.kernels.launch import chunk_states
 from devices import KERNEL_DEVICE as DEVICE
 
@@ -91,10 +92,12 @@ def _check_shift(v, shift):
     assert torch.equal(centred.double()[in_binade], difference[in_binade])
 
 
-def test_shift_of_a_long_sequence():
+def test_shift_of_a_long_sequence(monkeypatch):
     """More blocks of rows than :func:`shift_from_stats` adds in one step (``STATS_BLOCK``), so that
-    its loop over them takes more than one step, in value_shift and in the states kernel."""
-    L = ROWS * TILES * STATS_BLOCK + 300
+    its loop over them takes more than one step, in value_shift and in the states kernel (one
+    tile a block, to keep the sequence short for the interpreter)."""
+    monkeypatch.setattr(centring, "TILES", 1)
+    L = stats_rows(16) * STATS_BLOCK + 300
     gen = torch.Generator(device=DEVICE).manual_seed(2)
     v = (3 + torch.randn(1, L, 16, generator=gen, device=DEVICE)).half()
     assert value_stats(v).shape[1] > STATS_BLOCK

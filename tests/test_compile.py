@@ -78,6 +78,28 @@ def test_operators_pass_opcheck(variant, causal, layout):
     torch.library.opcheck(torch.ops.lionedu.chunkwise_backward.default, backward_args)
 
 
+@settings(max_examples=4, deadline=None)
+@given(L=st.integers(1, 70), Dv=st.sampled_from([3, 16, 20]), variant=st.sampled_from(["lit", "d", "s"]),
+       causal=st.booleans(), normalize=st.booleans(), seed=st.integers(0, 2**16))
+def test_compiled_forward_without_gradients(L, Dv, variant, causal, normalize, seed):
+    """Compiled under ``torch.no_grad()`` the call is the forward alone (kernels/inference.py), one
+    operator that passes PyTorch's checks, and gives the eager call's output bit for bit."""
+    torch._dynamo.reset()
+    q, k, v, log_decay = (t.detach() if t is not None else None for t in make_inputs(1, 2, L, 5, Dv, variant, seed))
+
+    def layer(q, k, v, log_decay):
+        return lionedu.kernels.chunkwise(q, k, v, log_decay, causal=causal, normalize=normalize, chunk_size=16,
+                                         check_values=False)
+
+    with torch.no_grad():
+        eager = layer(q, k, v, log_decay)
+        got = torch.compile(layer, backend=BACKEND, fullgraph=True)(q, k, v, log_decay)
+    assert got.shape == eager.shape and got.grad_fn is None
+    torch.testing.assert_close(got, eager, rtol=0, atol=0)
+    args = (q, k, v, log_decay, causal, normalize, 16, 16 if DEVICE == "cpu" else 64)
+    torch.library.opcheck(torch.ops.lionedu.chunkwise_inference.default, args)
+
+
 def test_eager_calls_keep_the_autograd_function():
     """Outside torch.compile a call stays one autograd.Function node (the cheaper host path)."""
     q, k, v, log_decay = make_inputs(1, 1, 20, 16, 16, "s", seed=0)

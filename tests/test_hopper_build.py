@@ -42,13 +42,13 @@ from triton.compiler import ASTSource
 from lionedu.kernels.output import chunk_output_kernel
 from lionedu.kernels.states import chunk_states_kernel
 
-def compile_for_gpu(kernel, consts, integers, pointers=None, capability=90):
+def compile_for_gpu(kernel, consts, integers, pointers=None, capability=90, num_warps=4):
     names = [p.name for p in kernel.params]
     signature = {n: (pointers or {}).get(n, "*fp32") for n in names if n.endswith("_ptr")}
     signature.update({n: "i32" for n in integers})
     source = ASTSource(fn=kernel, signature={**signature, **{c: "constexpr" for c in consts}},
                        constexprs={(names.index(c),): v for c, v in consts.items()})
-    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=4, num_stages=1))
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32), options=dict(num_warps=num_warps, num_stages=1))
 """
 
 COMPILE = PRELUDE + r"""
@@ -133,11 +133,11 @@ print(json.dumps(result))
 
 COMPILE_CENTRING = PRELUDE + r"""
 import torch
-from lionedu.kernels.centring import ROWS, TILES, shift_constants, shift_kernel, value_stats_kernel
+from lionedu.kernels.centring import TILES, shift_constants, shift_kernel, stats_rows, value_stats_kernel
 capability, pointer = int(sys.argv[1]), sys.argv[2]
 dtype = {"*bf16": torch.bfloat16, "*fp16": torch.float16, "*fp32": torch.float32}[pointer]
-stats = compile_for_gpu(value_stats_kernel, dict(DV=64, ROWS=ROWS, TILES=TILES), ("L",), dict(v_ptr=pointer),
-                        capability)
+stats = compile_for_gpu(value_stats_kernel, dict(DV=64, ROWS=stats_rows(64), TILES=TILES), ("L",), dict(v_ptr=pointer),
+                        capability, num_warps=8)  # as centring.value_stats launches it
 shift = compile_for_gpu(shift_kernel, dict(DV=64, **shift_constants(dtype)), ("L", "P"), {}, capability)
 print(json.dumps(dict(stats=len(stats.asm["cubin"]), shift=len(shift.asm["cubin"]),
                       atomics=sum(len(re.findall(r"(?<![\w.])(?:atom|red)\.", k.asm["ptx"])) for k in (stats, shift)))))

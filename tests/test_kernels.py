@@ -30,15 +30,11 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
-def compare(B, H, L, D, Dv, variant, causal, normalize, chunk_size, dtype, device, seed=0, layout="contiguous",
-            value_mean=0.0, value_spread=1.0, direct=False, own_norms=False):
-    """Run kernel and float64 reference on the same random inputs; return relative errors.
-
-    The values are ``value_mean + value_spread * u`` with ``u`` uniform in ``[-1, 1]``.
-    ``direct`` calls :class:`kernels.ChunkwiseAttention` itself, past the public function's
-    checks, so that Triton's interpreter can run float16 (which it multiplies correctly).
-    ``own_norms`` judges every gradient by its own norm (below: by default a small gradient is
-    judged by the largest one's)."""
+def random_inputs(B, H, L, D, Dv, variant, normalize, dtype, device, seed=0, value_mean=0.0, value_spread=1.0):
+    """``q, k, v, log_decay, dy`` float64, drawn from ``seed``: ``q, k, v`` already rounded to
+    ``dtype`` and the decays to float32, so that kernel and reference see the same numbers.
+    Normalised, ``q`` and ``k`` are positive (a normaliser far from zero); the values are
+    ``value_mean + value_spread * u`` with ``u`` uniform in ``[-1, 1]``."""
     gen = torch.Generator(device=device).manual_seed(seed)
     rand = lambda *s: torch.rand(*s, generator=gen, device=device, dtype=torch.float64)  # noqa: E731
     if normalize:
@@ -48,10 +44,40 @@ def compare(B, H, L, D, Dv, variant, causal, normalize, chunk_size, dtype, devic
     v = value_mean + value_spread * (2 * rand(B, H, L, Dv) - 1)
     ld = {"lit": None, "d": -0.2 * rand(H) - 1e-3, "s": -rand(B, H, L) * 3}[variant]
     dy = 2 * rand(B, H, L, Dv) - 1
-    # Round the inputs to the kernel's dtype first so both sides see the same numbers.
     q, k, v = (t.to(dtype).double() for t in (q, k, v))
+    ld = None if ld is None else ld.float().double()
+    return q, k, v, ld, dy
 
-    ld = None if ld is None else ld.float().double()  # the float32 decays the kernel will see
+
+def forward_error(B, H, L, D, Dv, variant, causal, normalize, chunk_size, dtype, device, seed=0, value_mean=0.0,
+                  value_spread=1.0, direct=False):
+    """The relative error of the forward without gradients (``kernels.inference``) against the
+    float64 vectorized form, on :func:`random_inputs`. ``direct`` calls
+    :func:`kernels.inference.inference_forward` past the public function's checks (float16
+    under Triton's interpreter, as in :func:`compare`)."""
+    q, k, v, ld, _ = random_inputs(B, H, L, D, Dv, variant, normalize, dtype, device, seed, value_mean, value_spread)
+    args = [t.to(dtype) for t in (q, k, v)] + [None if ld is None else ld.float()]
+    with torch.no_grad():
+        if direct:
+            least = 16 if kernels.interpreted() else 64
+            got = kernels.inference.inference_forward(*args, causal, normalize, chunk_size, least)
+        else:
+            got = kernels.chunkwise(*args, causal=causal, normalize=normalize, chunk_size=chunk_size)
+    ref = vectorized.chunkwise(q, k, v, ld, causal=causal, normalize=normalize)
+    assert got.dtype == dtype and got.shape == (B, H, L, Dv) and got.is_contiguous() and got.grad_fn is None
+    return _rel(got, ref)
+
+
+def compare(B, H, L, D, Dv, variant, causal, normalize, chunk_size, dtype, device, seed=0, layout="contiguous",
+            value_mean=0.0, value_spread=1.0, direct=False, own_norms=False):
+    """Run kernel and float64 reference on the same random inputs; return relative errors.
+
+    The values are ``value_mean + value_spread * u`` with ``u`` uniform in ``[-1, 1]``.
+    ``direct`` calls :class:`kernels.ChunkwiseAttention` itself, past the public function's
+    checks, so that Triton's interpreter can run float16 (which it multiplies correctly).
+    ``own_norms`` judges every gradient by its own norm (below: by default a small gradient is
+    judged by the largest one's)."""
+    q, k, v, ld, dy = random_inputs(B, H, L, D, Dv, variant, normalize, dtype, device, seed, value_mean, value_spread)
 
     def grads(fn, cast, decay_dtype):
         leaves = [cast(t).requires_grad_() for t in (q, k, v)]
@@ -193,6 +219,51 @@ def test_values_with_a_common_part_in_tiles_and_segments(variant, monkeypatch):
 def test_wide_heads(D, Dv):
     """Head dims past 128 take the wide launch configuration (padded to 256)."""
     assert_close(compare(1, 1, 40, D, Dv, "s", False, True, 16, torch.float32, DEVICE), torch.float32)
+
+
+@settings(max_examples=12, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 2), L=st.integers(1, 150), D=st.integers(1, 20), Dv=st.integers(1, 20),
+       variant=st.sampled_from(["lit", "d", "s"]), causal=st.booleans(), normalize=st.booleans(),
+       chunk_size=st.sampled_from([16, 32, 64]), seed=st.integers(0, 2**31 - 1))
+def test_forward_without_gradients(B, H, L, D, Dv, variant, causal, normalize, chunk_size, seed):
+    """Under ``torch.no_grad()`` the public function runs the forward alone (kernels/inference.py)."""
+    errors = forward_error(B, H, L, D, Dv, variant, causal, normalize, chunk_size, torch.float32, DEVICE, seed=seed)
+    assert errors < TOL[torch.float32][0]
+
+
+@settings(max_examples=8, deadline=None)
+@given(L=st.integers(130, 300), D=st.integers(8, 40), Dv=st.integers(8, 40), variant=st.sampled_from(["lit", "d", "s"]),
+       causal=st.booleans(), value_mean=st.sampled_from([1.0, -3.0, 0.5]), seed=st.integers(0, 2**31 - 1))
+def test_forward_without_gradients_on_values_with_a_common_part(L, D, Dv, variant, causal, value_mean, seed):
+    """The forward alone does not centre the values: float16 values ``mean + 0.02 u`` still give
+    the output within float16's tolerance (the centring is for the gradients' cancellations)."""
+    error = forward_error(1, 2, L, D, Dv, variant, causal, True, 64, torch.float16, DEVICE, seed=seed,
+                          value_mean=value_mean, value_spread=0.02, direct=True)
+    assert error < TOL[torch.float16][0]
+
+
+def test_which_forward_runs(monkeypatch):
+    """The public function builds the autograd node exactly when autograd would record the call:
+    grad mode on and some input (the decays included) requiring a gradient; otherwise it runs the
+    forward alone."""
+    from lionedu.kernels import inference
+
+    calls = []
+    real = inference.inference_forward
+    monkeypatch.setattr(kernels, "inference_forward", lambda *a: calls.append(1) or real(*a))
+    q = torch.rand(1, 2, 20, 4, device=DEVICE)
+    ld = torch.full((2,), -0.3, device=DEVICE)
+
+    def run(q_, ld_):
+        calls.clear()
+        out = kernels.chunkwise(q_, q_.detach(), q_.detach(), ld_, chunk_size=16)
+        return bool(calls), out.grad_fn is not None
+
+    assert run(q, ld) == (True, False)
+    assert run(q.clone().requires_grad_(), ld) == (False, True)
+    assert run(q, ld.clone().requires_grad_()) == (False, True)
+    with torch.no_grad():
+        assert run(q.clone().requires_grad_(), ld.clone().requires_grad_()) == (True, False)
 
 
 def test_non_contiguous_inputs():
@@ -594,6 +665,19 @@ def test_gpu_values_with_a_common_part(dtype, variant, causal):
     1.9e-4 (1e-5 allowed). Centred, the usual tolerances hold."""
     assert_close(compare(2, 4, 4096, 64, 64, variant, causal, True, 64, dtype, "cuda", seed=7, value_mean=1.0,
                          value_spread=0.02), dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["lit", "d", "s"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("value_mean", [0.0, 1.0])
+def test_gpu_forward_without_gradients(dtype, variant, causal, value_mean):
+    """The forward alone (kernels/inference.py) at L = 4096, on values with and without a common
+    part 50 times their spread: within the dtype's tolerance, uncentred."""
+    error = forward_error(2, 4, 4096, 64, 64, variant, causal, True, 64, dtype, "cuda", seed=11,
+                          value_mean=value_mean, value_spread=0.02 if value_mean else 1.0)
+    assert error < TOL[dtype][0]
 
 
 @settings(max_examples=200, deadline=None)

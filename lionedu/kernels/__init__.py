@@ -28,6 +28,7 @@ import triton
 from ..validation import check_chunk_size, check_inputs, check_log_decay_values
 from .autograd import ChunkwiseAttention
 from .compiled import chunkwise_op
+from .inference import inference_forward
 from .output import chunk_output_kernel
 
 __all__ = ["chunkwise", "interpreted", "MAX_HEAD_DIM", "CHUNK_SIZES"]
@@ -80,6 +81,12 @@ def _check_kernel_inputs(q, v, chunk_size) -> None:
     check_kernel_tensor(q, "q")  # k and v share its dtype and device (check_inputs)
 
 
+def needs_gradients(*tensors) -> bool:
+    """True if autograd records a call on ``tensors`` (``None`` entries skipped): grad mode is on
+    and one of them requires a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_size=64, check_values=True):
     """Masked linear attention with the Triton chunkwise kernels; differentiable.
 
@@ -104,6 +111,10 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     cost (results/NOTES.md): ``torch.cuda.graphs``, or ``torch.compile(mode="reduce-overhead")``,
     under which this call becomes two custom operators (:mod:`.compiled`; the value check is a
     host read, so compile with ``check_values=False``).
+
+    Where autograd records nothing (``torch.no_grad()``, or no input requiring a gradient) the
+    call runs the forward alone (:mod:`.inference`): the two kernels without the values' centring,
+    which only the gradients need, and with one store of the output.
     """
     check_inputs(q, k, v, log_decay, causal=causal, normalize=normalize, check_values=False)
     check_chunk_size(chunk_size)
@@ -114,10 +125,13 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     # 32-wide value tiles in the output kernel gave wrong values; the states kernel's 64- and
     # 32-wide tiles pass every GPU test (results/NOTES.md).
     least = 16 if interpreted() else 64
+    gradients = needs_gradients(q, k, v, log_decay)
     if torch.compiler.is_compiling():  # the same passes as opaque custom operators (.compiled)
-        y = chunkwise_op(q, k, v, log_decay, causal, normalize, chunk_size, least)
-    else:
+        y = chunkwise_op(q, k, v, log_decay, causal, normalize, chunk_size, least, gradients)
+    elif gradients:
         y = ChunkwiseAttention.apply(q, k, v, log_decay, causal, normalize, chunk_size, least)
+    else:  # no autograd graph: the forward alone, without the backward's preparations (.inference)
+        y = inference_forward(q, k, v, log_decay, causal, normalize, chunk_size, least)
     # The decay values are checked once the kernels are queued, so the device works while
     # the host waits for the check; on bad values the result is discarded.
     if check_values:

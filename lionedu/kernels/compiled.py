@@ -1,15 +1,16 @@
 """The kernels as PyTorch custom operators, for ``torch.compile``.
 
 ``torch.compile`` traces Python into a graph. It cannot trace into a Triton launcher, nor
-into the kernels' Python glue, so :func:`lionedu.kernels.chunkwise` hands it two opaque
-operators instead of :class:`.autograd.ChunkwiseAttention`:
+into the kernels' Python glue, so :func:`lionedu.kernels.chunkwise` hands it opaque operators
+instead of :class:`.autograd.ChunkwiseAttention`:
 
 - ``lionedu::chunkwise_forward(q, k, v, log_decay, ...) -> (y, g, den, S, z, yc, shift)``,
 - ``lionedu::chunkwise_backward(dy, q, k, v, g, y, den, S, z, shift, ...) -> (dq, dk, dv, d_log_decay)``,
 
-joined by ``torch.library.register_autograd``. Both run the same two passes as the
+joined by ``torch.library.register_autograd``; they run the same passes as the
 ``autograd.Function`` (:func:`.autograd.attention_forward`, :func:`.autograd.attention_backward`).
-For each one a *fake* implementation states the shapes and dtypes of its outputs, which is all
+A call that needs no gradients gets ``lionedu::chunkwise_inference(q, k, v, log_decay, ...) -> y``
+instead, the forward alone (:mod:`.inference`). Each operator has a *fake* implementation that states the shapes and dtypes of its outputs, which is all
 the compiler needs to plan the graph around it; a compiled training step, including these
 launches, can then be captured in a CUDA graph (``mode="reduce-overhead"``).
 
@@ -26,6 +27,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .autograd import Saved, _flatten, attention_backward, attention_forward, padded_width
+from .inference import inference_forward
 from .launch import ceil_div
 
 __all__ = ["chunkwise_op"]
@@ -119,7 +121,22 @@ def _autograd_backward(ctx, dy, *_unused):
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def chunkwise_op(q, k, v, log_decay, causal: bool, normalize: bool, chunk_size: int, least: int) -> torch.Tensor:
+@torch.library.custom_op("lionedu::chunkwise_inference", mutates_args=())
+def _inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor], causal: bool,
+               normalize: bool, chunk_size: int, least: int) -> torch.Tensor:
+    return inference_forward(q, k, v, log_decay, causal, normalize, chunk_size, least)
+
+
+@_inference.register_fake
+def _(q, k, v, log_decay, causal, normalize, chunk_size, least):
+    return v.new_empty(*q.shape[:3], v.shape[-1])
+
+
+def chunkwise_op(q, k, v, log_decay, causal: bool, normalize: bool, chunk_size: int, least: int,
+                 gradients: bool = True) -> torch.Tensor:
     """``y [B, H, L, Dv]``: :class:`.autograd.ChunkwiseAttention` as custom operators (checked
-    inputs, the same arguments)."""
+    inputs, the same arguments); with ``gradients=False``, :func:`.inference.inference_forward`
+    as one operator without an autograd registration."""
+    if not gradients:
+        return _inference(q, k, v, log_decay, causal, normalize, chunk_size, least)
     return _forward(q, k, v, log_decay, causal, normalize, chunk_size, least)[0]
