@@ -1,4 +1,5 @@
-"""GPU time per kernel of one LION-S forward and forward+backward (a GPU is needed).
+"""GPU time per kernel of one LION-S forward (without gradients: the forward alone, as the
+benchmark times it) and forward+backward (a GPU is needed).
 
     python results/profile_kernels.py [L ...]      (default: 1024 4096 16384)
 
