@@ -242,6 +242,23 @@ def test_forward_without_gradients_on_values_with_a_common_part(L, D, Dv, varian
     assert error < TOL[torch.float16][0]
 
 
+@settings(max_examples=10, deadline=None)
+@given(L=st.integers(1, 300), D=st.sampled_from([1, 5, 20, 64, 130]), Dv=st.sampled_from([1, 7, 33, 200]),
+       normalize=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_lit_global_form(L, D, Dv, normalize, seed):
+    """LIT's bidirectional forward without gradients takes the global form (kernels/global_lit.py),
+    with the rows split over several programs as on a GPU of 132 multiprocessors and heads wider
+    than one tile of S: against float64."""
+    from lionedu.kernels import global_lit, inference, launch
+
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(launch, "_multiprocessors", lambda device: 132)
+        patch.setattr(inference, "lit_forward", lambda *a, **kw: calls.append(1) or global_lit.lit_forward(*a, **kw))
+        error = forward_error(1, 2, L, D, Dv, "lit", False, normalize, 64, torch.float32, DEVICE, seed=seed)
+    assert calls and error < TOL[torch.float32][0]
+
+
 def test_which_forward_runs(monkeypatch):
     """The public function builds the autograd node exactly when autograd would record the call:
     grad mode on and some input (the decays included) requiring a gradient; otherwise it runs the

@@ -7,11 +7,13 @@ The centring is there for the gradients' cancellations (book chapter 8, section 
 itself is as accurate without it, since ``y`` is rounded to the input dtype at the end either way.
 So a call that builds no autograd graph runs the two kernels as one plain masked operator
 (:func:`.launch.masked_operator`): the states, then the outputs, no centring, one store, no
-autograd node.
+autograd node. LIT's bidirectional attention, whose mask is all ones, needs no walk at all: it
+takes the global form of :mod:`.global_lit`.
 """
 from __future__ import annotations
 
 from .autograd import _flatten, _unflatten, chunk_log_decay_sums
+from .global_lit import lit_forward
 from .launch import masked_operator
 
 __all__ = ["inference_forward"]
@@ -24,8 +26,11 @@ def inference_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_s
     B, H, L, _ = q.shape
     Dv = v.shape[-1]
     q_, k_, v_ = (_flatten(t, least) for t in (q, k, v))  # [BH, L, D'], [BH, L, D'], [BH, L, Dv']
-    g = chunk_log_decay_sums(log_decay, B, H, L, chunk_size)
-    y, _, _ = masked_operator(q_, k_, v_, g, lower=True, upper=not causal, chunk_size=chunk_size,
-                              normalize=normalize, with_den=normalize)
+    if log_decay is None and not causal:  # LIT, bidirectional: every position sees the same sums
+        y = lit_forward(q_, k_, v_, normalize)
+    else:
+        g = chunk_log_decay_sums(log_decay, B, H, L, chunk_size)
+        y, _, _ = masked_operator(q_, k_, v_, g, lower=True, upper=not causal, chunk_size=chunk_size,
+                                  normalize=normalize, with_den=normalize)
     y = _unflatten(y, B, H, Dv)
     return y if y.is_contiguous() else y.contiguous()
