@@ -96,8 +96,29 @@ def test_compiled_forward_without_gradients(L, Dv, variant, causal, normalize, s
         got = torch.compile(layer, backend=BACKEND, fullgraph=True)(q, k, v, log_decay)
     assert got.shape == eager.shape and got.grad_fn is None
     torch.testing.assert_close(got, eager, rtol=0, atol=0)
-    args = (q, k, v, log_decay, causal, normalize, 16, 16 if DEVICE == "cpu" else 64)
+    args = (q, k, v, log_decay, causal, normalize, 16, 16 if lionedu.kernels.interpreted() else 64)
     torch.library.opcheck(torch.ops.lionedu.chunkwise_inference.default, args)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_compiled_graph_holds_the_operator_its_grad_mode_asks_for(grad):
+    """Traced without gradients the graph holds the forward-alone operator and not the training
+    forward; with gradients, the reverse (a backend that records the traced graph's operators)."""
+    torch._dynamo.reset()
+    q, k, v, log_decay = make_inputs(1, 2, 20, 8, 8, "s", seed=2)
+    seen = []
+
+    def recording(graph_module, example_inputs):
+        seen.extend(str(node.target) for node in graph_module.graph.nodes)
+        return graph_module.forward
+
+    def layer(q, k, v, log_decay):
+        return lionedu.kernels.chunkwise(q, k, v, log_decay, chunk_size=16, check_values=False)
+
+    with torch.set_grad_enabled(grad):
+        torch.compile(layer, backend=recording, fullgraph=True)(q, k, v, log_decay)
+    names = " ".join(seen)
+    assert ("chunkwise_forward" in names) == grad and ("chunkwise_inference" in names) == (not grad)
 
 
 def test_eager_calls_keep_the_autograd_function():

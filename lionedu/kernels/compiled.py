@@ -124,6 +124,7 @@ _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 @torch.library.custom_op("lionedu::chunkwise_inference", mutates_args=())
 def _inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optional[torch.Tensor], causal: bool,
                normalize: bool, chunk_size: int, least: int) -> torch.Tensor:
+    """``y [B, H, L, Dv]``, contiguous, from :func:`.inference.inference_forward` (a call without gradients)."""
     return inference_forward(q, k, v, log_decay, causal, normalize, chunk_size, least)
 
 

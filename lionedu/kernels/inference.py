@@ -3,34 +3,48 @@
 :class:`.autograd.ChunkwiseAttention`'s forward does work for the backward pass: normalised, it
 centres the values (:mod:`.centring`: a pass over ``V`` for their block sums, the shift ``m``
 subtracted in the states kernel) and writes the output twice, centred (saved) and shifted back.
-The centring is there for the gradients' cancellations (book chapter 8, section 10); the output
-itself is as accurate without it, since ``y`` is rounded to the input dtype at the end either way.
-So a call that builds no autograd graph runs the two kernels as one plain masked operator
-(:func:`.launch.masked_operator`): the states, then the outputs, no centring, one store, no
-autograd node. LIT's bidirectional attention, whose mask is all ones, needs no walk at all: it
-takes the global form of :mod:`.global_lit`.
+The centring is there for the gradients' cancellations (book chapter 8, section 10). The forward
+subtracts nothing of the common part, so its output is about as accurate without it (in bfloat16
+and float32 within a few tens of per cent of the training forward's error, both near the rounding
+of ``y`` itself; book chapter 8, section 12). So a call that builds no autograd graph runs the two
+kernels as one plain chunkwise operator (:func:`.launch.chunk_states`, :func:`.launch.chunk_outputs`):
+no centring, one store, no autograd node; and LIT's bidirectional attention, whose mask is all
+ones, needs no walk at all: it takes the global form of :mod:`.global_lit`.
+
+Normalised float16 keeps the training forward: its states are stored in float16, whose largest
+number is 65504, and uncentred states grow with the values' common part times the length (LIT:
+``sum_j k_j v_j^T`` over the sequence), past that range where the centred ones stay small.
 """
 from __future__ import annotations
 
-from .autograd import _flatten, _unflatten, chunk_log_decay_sums
+import torch
+
+from .autograd import _flatten, attention_forward, chunk_log_decay_sums
 from .global_lit import lit_forward
-from .launch import masked_operator
+from .launch import chunk_outputs, chunk_states
 
 __all__ = ["inference_forward"]
 
 
 def inference_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_size: int, least: int):
-    """``y [B, H, L, Dv]`` (contiguous, ``v``'s dtype) for ``q, k [B, H, L, D]``,
-    ``v [B, H, L, Dv]`` and ``log_decay`` (``None``, ``[H]`` or ``[B, H, L]``); the arguments
-    as for :class:`.autograd.ChunkwiseAttention`. Builds no autograd graph."""
+    """``y [B, H, L, Dv]`` (a contiguous tensor of its own, ``v``'s dtype) for ``q, k [B, H, L, D]``,
+    ``v [B, H, L, Dv]`` and ``log_decay`` (``None``, ``[H]`` or ``[B, H, L]``); the arguments as for
+    :class:`.autograd.ChunkwiseAttention`. Builds no autograd graph."""
+    if normalize and v.dtype == torch.float16:  # float16's range needs the centring (module docstring)
+        return attention_forward(q, k, v, log_decay, causal, normalize, chunk_size, least)[0]
     B, H, L, _ = q.shape
     Dv = v.shape[-1]
     q_, k_, v_ = (_flatten(t, least) for t in (q, k, v))  # [BH, L, D'], [BH, L, D'], [BH, L, Dv']
+    # The output is written straight into a [B, H, L, Dv'] tensor, not returned as a view of the
+    # kernels' [BH, L, Dv'] one: a view made under no_grad could not be changed in place later with
+    # grad mode on.
+    y = torch.empty(B, H, L, v_.shape[-1], device=v.device, dtype=v.dtype)
     if log_decay is None and not causal:  # LIT, bidirectional: every position sees the same sums
-        y = lit_forward(q_, k_, v_, normalize)
+        lit_forward(q_, k_, v_, normalize, out=y.view(B * H, L, -1))
     else:
         g = chunk_log_decay_sums(log_decay, B, H, L, chunk_size)
-        y, _, _ = masked_operator(q_, k_, v_, g, lower=True, upper=not causal, chunk_size=chunk_size,
-                                  normalize=normalize, with_den=normalize)
-    y = _unflatten(y, B, H, Dv)
-    return y if y.is_contiguous() else y.contiguous()
+        opts = dict(lower=True, upper=not causal, chunk_size=chunk_size)
+        states = chunk_states(k_, v_, g, with_z=normalize, **opts)
+        chunk_outputs(q_, k_, v_, g, states, normalize=normalize, with_den=normalize, out=y.view(B * H, L, -1),
+                      **opts)
+    return y if y.shape[-1] == Dv else y[..., :Dv].clone()
