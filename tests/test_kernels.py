@@ -72,14 +72,19 @@ def forward_errors(B, H, L, D, Dv, variant, causal, normalize, chunk_size, dtype
 
 
 def assert_forward_close(errors, dtype):
-    """The forward without gradients within the dtype's tolerance, and within twice the larger of the
-    training forward's error and the rounding of the exact output (:func:`forward_errors`): an error
-    relative to ``y``'s norm alone would pass an output that kept the values' common part and lost
-    the rest. Logged like :func:`assert_close`'s (``LIONEDU_ERROR_LOG``), as an output error."""
+    """The forward without gradients within the dtype's tolerance; in 16 bits also within twice the
+    larger of the training forward's error and the rounding of the exact output (:func:`forward_errors`).
+    bfloat16's and float16's tolerances, relative to ``y``'s norm, would pass an output that kept the
+    values' common part and lost the rest; float32's is far below what that loses. (In float32 the
+    training forward, which centres the values, can be exact to the last bit where the output is
+    nearly the values' mean, so twice its error is no bound there: measured 0.1-1.6e-6 for the
+    forward alone, dev runs §45.) Logged like :func:`assert_close`'s (``LIONEDU_ERROR_LOG``)."""
     error, training, floor = errors
     _log_errors([error], dtype)
     report = f"forward alone {error:.2e}, training forward {training:.2e}, rounding of y {floor:.2e}"
-    assert error < TOL[dtype][0] and error <= 2 * max(training, floor), report
+    assert error < TOL[dtype][0], report
+    if dtype != torch.float32:
+        assert error <= 2 * max(training, floor), report
 
 
 def compare(B, H, L, D, Dv, variant, causal, normalize, chunk_size, dtype, device, seed=0, layout="contiguous",
