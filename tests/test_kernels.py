@@ -22,6 +22,7 @@ import lionedu
 from lionedu import kernels, vectorized
 from devices import KERNEL_DEVICE as DEVICE
 
+LEAST = 16 if kernels.interpreted() else 64  # the head dims' padding: kernels.chunkwise's choice
 TOL = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (3e-3, 3e-3)}
 
 
@@ -59,13 +60,12 @@ def forward_errors(B, H, L, D, Dv, variant, causal, normalize, chunk_size, dtype
     Triton's interpreter, as in :func:`compare`)."""
     q, k, v, ld, _ = random_inputs(B, H, L, D, Dv, variant, normalize, dtype, device, seed, value_mean, value_spread)
     args = [t.to(dtype) for t in (q, k, v)] + [None if ld is None else ld.float()]
-    least = 16 if kernels.interpreted() else 64
     with torch.no_grad():
         if direct:
-            got = kernels.inference.inference_forward(*args, causal, normalize, chunk_size, least)
+            got = kernels.inference.inference_forward(*args, causal, normalize, chunk_size, LEAST)
         else:
             got = kernels.chunkwise(*args, causal=causal, normalize=normalize, chunk_size=chunk_size)
-        training = kernels.ChunkwiseAttention.apply(*args, causal, normalize, chunk_size, least)
+        training = kernels.ChunkwiseAttention.apply(*args, causal, normalize, chunk_size, LEAST)
     ref = vectorized.chunkwise(q, k, v, ld, causal=causal, normalize=normalize)
     assert got.dtype == dtype and got.shape == (B, H, L, Dv) and got.is_contiguous() and got._base is None
     return _rel(got, ref), _rel(training, ref), _rel(ref.to(dtype), ref)
@@ -114,9 +114,8 @@ def compare(B, H, L, D, Dv, variant, causal, normalize, chunk_size, dtype, devic
 
     kw = dict(causal=causal, normalize=normalize)
     if direct:
-        least = 16 if kernels.interpreted() else 64
         kernel = lambda q_, k_, v_, l_: kernels.ChunkwiseAttention.apply(  # noqa: E731
-            q_, k_, v_, l_, causal, normalize, chunk_size, least)
+            q_, k_, v_, l_, causal, normalize, chunk_size, LEAST)
     else:
         kernel = lambda q_, k_, v_, l_: kernels.chunkwise(q_, k_, v_, l_, chunk_size=chunk_size, **kw)  # noqa: E731
     got = grads(kernel, lambda t: t.to(dtype), torch.float32)

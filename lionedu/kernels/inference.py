@@ -11,6 +11,11 @@ kernels as one plain chunkwise operator (:func:`.launch.chunk_states`, :func:`.l
 no centring, one store, no autograd node; and LIT's bidirectional attention, whose mask is all
 ones, needs no walk at all: it takes the global form of :mod:`.global_lit`.
 
+Reentrant activation checkpointing (``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)``)
+runs a forward under ``torch.no_grad()`` and recomputes it with gradients for the backward pass, so
+there the two passes differ in the last bits (the non-reentrant default runs the training forward
+both times).
+
 Normalised float16 keeps the training forward: its states are stored in float16, whose largest
 number is 65504, and uncentred states grow with the values' common part times the length (LIT:
 ``sum_j k_j v_j^T`` over the sequence), past that range where the centred ones stay small.
