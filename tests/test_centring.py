@@ -105,6 +105,18 @@ def test_shift_of_a_long_sequence(monkeypatch):
     _check_shift(v, _states_kernel_shift(v, chunk_size=64))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dv", [64, 256])
+def test_gpu_shift_of_a_long_sequence(dv):
+    """:func:`test_shift_of_a_long_sequence` with the stats kernel's own launch (its tiles a program
+    and rows a tile for ``dv`` value columns), past ``STATS_BLOCK`` blocks of rows."""
+    L = stats_rows(dv) * centring.TILES * STATS_BLOCK + 300
+    gen = torch.Generator(device=DEVICE).manual_seed(6)
+    v = (3 + torch.randn(1, L, dv, generator=gen, device=DEVICE)).bfloat16()
+    assert value_stats(v).shape[1] > STATS_BLOCK
+    _check_shift(v, value_shift(v))
+
+
 def test_mean_as_shift_rounds_every_value_alike():
     """Why the shift is moved onto the grid: with the mean itself (off the grid by a fixed
     fraction of the spacing), ``v - mean`` rounds every value of a binade the same way, so the
