@@ -4,9 +4,10 @@
 centres the values (:mod:`.centring`: a pass over ``V`` for their block sums, the shift ``m``
 subtracted in the states kernel) and writes the output twice, centred (saved) and shifted back.
 The centring is there for the gradients' cancellations (book chapter 8, section 10). The forward
-subtracts nothing of the common part, so its output is about as accurate without it (in bfloat16
-and float32 within a few tens of per cent of the training forward's error, both near the rounding
-of ``y`` itself; book chapter 8, section 12). So a call that builds no autograd graph runs the two
+subtracts nothing of the common part, so in bfloat16 its output is about as accurate without it
+(within a few tens of per cent of the training forward's error, both near the rounding of ``y``
+itself; book chapter 8, section 12). In float32 it stays within float32's tolerance, but several
+times the centred forward's error, which can sit at the rounding of ``y`` (dev runs §45). So a call that builds no autograd graph runs the two
 kernels as one plain chunkwise operator (:func:`.launch.chunk_states`, :func:`.launch.chunk_outputs`):
 no centring, one store, no autograd node; and LIT's bidirectional attention, whose mask is all
 ones, needs no walk at all: it takes the global form of :mod:`.global_lit`.
