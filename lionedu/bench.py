@@ -3,8 +3,8 @@
 For each implementation, variant, causality and length it measures, on random inputs:
 the median forward time (under ``torch.no_grad()``, as inference runs it: for
 ``lionedu-triton`` the forward alone, :mod:`lionedu.kernels.inference`), the median
-forward+backward time (``triton.testing.do_bench``, CUDA events) and the peak memory of one forward+backward (its inputs plus what it
-allocates). In the same run it measures the device-to-device copy bandwidth and reports
+forward+backward time (``triton.testing.do_bench``, CUDA events) and the peak memory of one
+forward+backward (its inputs plus what it allocates). In the same run it measures the device-to-device copy bandwidth and reports
 each forward's memory floor: the bytes of q, k, v, log_decay read and y written, over that
 bandwidth.
 

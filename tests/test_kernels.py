@@ -276,6 +276,19 @@ def test_forward_without_gradients_in_float16_range():
     assert_forward_close(errors, torch.float16)
 
 
+def test_forward_without_gradients_in_float16_is_the_training_forward():
+    """Normalised float16 keeps the centred training forward (its states' range): the same bits as
+    ``ChunkwiseAttention``'s output, so the error bounds of :func:`assert_forward_close` compare a
+    forward with itself there and only the tolerance tests it."""
+    q, k, v, ld, _ = random_inputs(1, 2, 70, 16, 16, "s", True, torch.float16, DEVICE, seed=8, value_mean=1.0,
+                                   value_spread=0.02)
+    args = [t.half() for t in (q, k, v)] + [ld.float()]
+    with torch.no_grad():
+        alone = kernels.inference.inference_forward(*args, False, True, 64, LEAST)
+        training = kernels.ChunkwiseAttention.apply(*args, False, True, 64, LEAST)
+    assert torch.equal(alone, training)
+
+
 def test_forward_without_gradients_can_be_changed_in_place():
     """The output of a call under ``torch.no_grad()`` is a tensor of its own, not a view made in no-grad
     mode, so it can be changed in place later with grad mode on (padded value dims too)."""

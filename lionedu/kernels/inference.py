@@ -6,11 +6,12 @@ subtracted in the states kernel) and writes the output twice, centred (saved) an
 The centring is there for the gradients' cancellations (book chapter 8, section 10). The forward
 subtracts nothing of the common part, so in bfloat16 its output is about as accurate without it
 (within a few tens of per cent of the training forward's error, both near the rounding of ``y``
-itself; book chapter 8, section 12). In float32 it stays within float32's tolerance, but several
-times the centred forward's error, which can sit at the rounding of ``y`` (dev runs §45). So a call that builds no autograd graph runs the two
-kernels as one plain chunkwise operator (:func:`.launch.chunk_states`, :func:`.launch.chunk_outputs`):
-no centring, one store, no autograd node; and LIT's bidirectional attention, whose mask is all
-ones, needs no walk at all: it takes the global form of :mod:`.global_lit`.
+itself; book chapter 8, section 12). In float32 it stays within float32's tolerance, but at
+several times the centred forward's error, which can sit at the rounding of ``y`` (dev runs §45).
+So a call that builds no autograd graph runs the two kernels as one plain masked operator
+(:func:`.launch.masked_operator`): no centring, one store, no autograd node; and LIT's
+bidirectional attention, whose mask is all ones, needs no walk at all: it takes the global form
+of :mod:`.global_lit`.
 
 Reentrant activation checkpointing (``torch.utils.checkpoint.checkpoint(..., use_reentrant=True)``)
 runs a forward under ``torch.no_grad()`` and recomputes it with gradients for the backward pass, so
@@ -27,7 +28,7 @@ import torch
 
 from .autograd import _flatten, attention_forward, chunk_log_decay_sums
 from .global_lit import lit_forward
-from .launch import chunk_outputs, chunk_states
+from .launch import masked_operator
 
 __all__ = ["inference_forward"]
 
@@ -49,8 +50,6 @@ def inference_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_s
         lit_forward(q_, k_, v_, normalize, out=y.view(B * H, L, -1))
     else:
         g = chunk_log_decay_sums(log_decay, B, H, L, chunk_size)
-        opts = dict(lower=True, upper=not causal, chunk_size=chunk_size)
-        states = chunk_states(k_, v_, g, with_z=normalize, **opts)
-        chunk_outputs(q_, k_, v_, g, states, normalize=normalize, with_den=normalize, out=y.view(B * H, L, -1),
-                      **opts)
+        masked_operator(q_, k_, v_, g, lower=True, upper=not causal, chunk_size=chunk_size, normalize=normalize,
+                        with_den=normalize, out=y.view(B * H, L, -1))
     return y if y.shape[-1] == Dv else y[..., :Dv].clone()

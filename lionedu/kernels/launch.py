@@ -313,7 +313,7 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
 
 def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, normalize: bool = False,
                     with_den: bool = False, row_offset=None, col_offset=None, partner=None,
-                    persistent: bool = False):
+                    persistent: bool = False, out=None):
     """``out_i = sum_j M_ij (q_i . k_j + a_i + b_j) v_j`` over ``j = i`` and, with ``lower``
     / ``upper``, the keys before / after ``i``: :func:`chunk_states`, then :func:`chunk_outputs`.
 
@@ -324,7 +324,7 @@ def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, no
     ``col_offset`` ``b``: at most one, ``[BH, L]`` float32; ``normalize`` divides by the
     normaliser (needs ``with_den``); ``partner`` ``P [BH, L, DV]`` asks for the row dots
     ``P_i . (keys-before part of out_i)`` and ``P_i . (keys-after part)``, diagonal in neither;
-    ``persistent``: the output kernel's grid (:func:`chunk_outputs`).
+    ``persistent``: the output kernel's grid, ``out``: where to write (:func:`chunk_outputs`).
 
     Returns ``out [BH, L, DV]`` in ``v``'s dtype, the normaliser ``[BH, L]`` float32 (or
     ``None``) and the pair of row dots ``[BH, L]`` float32 (or ``None``).
@@ -335,4 +335,4 @@ def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, no
                           with_u=row_offset is not None, col_offset=col_offset)
     return chunk_outputs(q, k, v, g, states, lower=lower, upper=upper, chunk_size=chunk_size,
                          normalize=normalize, with_den=with_den, row_offset=row_offset,
-                         col_offset=col_offset, partner=partner, persistent=persistent)
+                         col_offset=col_offset, partner=partner, persistent=persistent, out=out)
