@@ -64,8 +64,8 @@ result = {}
 for name, flags in launches.items():
     consts = dict(LOWER=True, UPPER=True, HAS_DECAY=True, SCALAR_DECAY=False, WITH_DEN=False, NORMALIZE=False,
                   ROW_OFFSET=False, COL_OFFSET=False, SPLIT=False, TRANSPOSED_STATE=False, SHIFT=0, SHIFTED=False,
-                  CHUNK=chunk, DK=d, DV=d,
-                  BLOCK_DV=min(d, 64), PRECISION="tf32", PERSISTENT=True, LOOP_STAGES=stages)
+                  TWIN=False, CHUNK=chunk, DK=d, DV=d, BLOCK_DV=min(d, 64), BLOCK_DV2=min(d, 64), PRECISION="tf32",
+                  PERSISTENT=True, LOOP_STAGES=stages)
     consts.update(flags)
     kernel = compile_for_gpu(chunk_output_kernel, consts, ("L", "N", "BH"), pointers)
     result[name] = dict(shared=kernel.metadata.shared,
@@ -84,8 +84,8 @@ kernels = {  # the forward's two launches (lionedu/kernels/autograd.py), LION-S,
                     BLOCK_DV=64, WEIGHTS_BY_PRODUCT=False, SHIFT_VALUES=True, **shift_constants(torch.float32))),
     "output": (chunk_output_kernel, ("L", "N", "BH"),
                dict(LOWER=True, UPPER=True, WITH_DEN=True, NORMALIZE=True, ROW_OFFSET=False, COL_OFFSET=False,
-                    SPLIT=False, TRANSPOSED_STATE=False, SHIFT=3, SHIFTED=True, BLOCK_DV=64, PERSISTENT=False,
-                    LOOP_STAGES=1)),
+                    SPLIT=False, TRANSPOSED_STATE=False, SHIFT=3, SHIFTED=True, TWIN=False, BLOCK_DV=64, BLOCK_DV2=64,
+                    PERSISTENT=False, LOOP_STAGES=1)),
 }
 result = {}
 for name, (kernel, integers, consts) in kernels.items():

@@ -466,6 +466,78 @@ def test_masked_operator_with_offsets_and_state_tiles(L, widths, tile_dk, tile_d
         assert float((got.double() - want).norm()) <= 1e-5 * max(float(want.norm()), float(ref.norm()))
 
 
+@settings(max_examples=10, deadline=None)
+@given(L=st.integers(1, 100), widths=st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2])),
+       decay=st.sampled_from(["lit", "d", "s"]), triangles=st.sampled_from([(True, True), (True, False), (False, True)]),
+       offset=st.booleans(), transposed=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_outputs_and_twin(L, widths, decay, triangles, offset, transposed, seed):
+    """``chunk_outputs_and_twin``: one launch makes an operator (with or without a column offset
+    and partner dots, its states read as stored or transposed) and its twin, queries ``q2``
+    with keys ``v`` and values ``k``, which reads the same states the other way; both against
+    the explicit mask in float64, ``DK != DV`` where drawn, any length."""
+    from lionedu.kernels import launch
+
+    DK, DV = (w * (64 if DEVICE == "cuda" else 16) for w in widths)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    BH, C = 2, 16
+    rand = lambda *s: 2 * torch.rand(*s, generator=gen, device=DEVICE) - 1  # noqa: E731
+    q, k, v, q2, partner = rand(BH, L, DK), rand(BH, L, DK), rand(BH, L, DV), rand(BH, L, DV), rand(BH, L, DV)
+    b = rand(BH, L) if offset else None
+    per_sequence = -torch.rand(BH, generator=gen, device=DEVICE) - 1e-3
+    per_token = {"lit": torch.zeros(BH, L, device=DEVICE), "d": per_sequence[:, None].expand(BH, L),
+                 "s": -2 * torch.rand(BH, L, generator=gen, device=DEVICE)}[decay]
+    g = {"lit": None, "d": per_sequence, "s": launch.padded_chunk_sums(per_token, C)}[decay]
+    lower, upper = triangles
+    opts = dict(lower=lower, upper=upper, chunk_size=C)
+    # States of keys k and values v, stored as computed or (transposed) as those of keys v and values k.
+    states = launch.chunk_states(v, k, g, col_offset=b, **opts) if transposed else launch.chunk_states(
+        k, v, g, col_offset=b, **opts)
+    if transposed and b is not None:  # the column offset's sums belong to the operator's own values
+        states = launch.States(states.S, w=launch.chunk_states(k, v, g, col_offset=b, **opts).w)
+    out, dots, out2 = launch.chunk_outputs_and_twin(q, k, v, g, states, q2, col_offset=b,
+                                                    partner=partner if offset else None,
+                                                    transposed_state=transposed, **opts)
+    ref, ref_dots = _operator_reference(q, k, v, per_token, lower, upper, b=b, partner=partner if offset else None)
+    ref2, _ = _operator_reference(q2, v, k, per_token, lower, upper)
+    assert out2.shape == (BH, L, DK) and out2.dtype == k.dtype
+    assert _rel(out, ref) < 1e-5 and _rel(out2, ref2) < 1e-5
+    if offset:
+        for got, want in zip(dots, ref_dots):
+            assert float((got.double() - want).norm()) <= 1e-5 * max(float(want.norm()), float(ref.norm()))
+    else:
+        assert dots is None
+
+
+def test_twin_queries_must_meet_the_values():
+    """The twin's queries ``q2`` meet the values ``v`` (they are its keys): another width is
+    refused by name, before any launch."""
+    from lionedu.kernels import launch
+
+    BH, L, C = 2, 20, 16
+    q, k, v = torch.rand(BH, L, 16), torch.rand(BH, L, 16), torch.rand(BH, L, 32)
+    states = launch.chunk_states(k, v, None, lower=True, upper=True, chunk_size=C)
+    with pytest.raises(ValueError, match=r"q2 must have shape \[BH, L, DV\] = \[2, 20, 32\]"):
+        launch.chunk_outputs_and_twin(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, states, q.to(DEVICE),
+                                      lower=True, upper=True, chunk_size=C)
+
+
+@pytest.mark.parametrize("variant", ["lit", "d", "s"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_with_and_without_the_twin_launch(monkeypatch, variant, causal):
+    """dK and dV in one launch (launch.twin_outputs) or in two: within float32's tolerance of
+    float64 either way, and under the interpreter (the same operations in the same order) with
+    the same errors to the last bit; on a GPU the two compiled kernels may round otherwise."""
+    from lionedu.kernels import autograd
+
+    results = {}
+    for twin in (False, True):
+        monkeypatch.setattr(autograd, "twin_outputs", lambda *args, twin=twin: twin)
+        results[twin] = compare(2, 2, 100, 12, 20, variant, causal, True, 16, torch.float32, DEVICE)
+        assert_close(results[twin], torch.float32)
+    if DEVICE == "cpu":
+        assert results[False] == results[True]
+
+
 def _mild_decays(decay, BH, L, C, gen):
     """``(log_decay [BH, L], g)``: a variant's per-token log decays, small enough that sums over
     hundreds of tokens stay of order 1, and the kernels' form of them (launch.padded_chunk_sums
@@ -617,6 +689,17 @@ def test_persistent_backward_in_float32(monkeypatch, variant, causal):
     monkeypatch.setattr(launch, "launch_config", lambda *a, **kw: {**rule(*a, **kw), "states_segments": 2})
     monkeypatch.setattr(autograd, "persistent_outputs", lambda *args: True)
     assert_close(compare(2, 2, 100, 12, 20, variant, causal, True, 16, torch.float32, DEVICE), torch.float32)
+
+
+def test_twin_outputs_rule():
+    """dK and dV share a launch exactly where the backward's launches are not persistent (LIT,
+    float32, heads or chunks wider than 64), where that was measured faster."""
+    from lionedu.kernels.launch import persistent_outputs, twin_outputs
+
+    cases = [(torch.bfloat16, 64, 64, 64, True), (torch.float16, 16, 32, 16, True), (torch.bfloat16, 64, 64, 64, False),
+             (torch.float32, 64, 64, 64, True), (torch.bfloat16, 128, 64, 64, True), (torch.bfloat16, 64, 64, 128, True)]
+    assert [twin_outputs(*c) for c in cases] == [False, False, True, True, True, True]
+    assert all(twin_outputs(*c) != persistent_outputs(*c) for c in cases)
 
 
 def test_persistent_outputs_rule():

@@ -51,7 +51,8 @@ import torch.nn.functional as F
 
 from .centring import centred_copy, value_stats
 from .decay_gradient import decay_gradient
-from .launch import States, chunk_outputs, chunk_states, next_power_of_2, padded_chunk_sums, persistent_outputs
+from .launch import (States, chunk_outputs, chunk_outputs_and_twin, chunk_states, next_power_of_2, padded_chunk_sums,
+                     persistent_outputs, twin_outputs)
 from .normaliser import normaliser_gradient
 
 __all__ = ["ChunkwiseAttention", "Saved", "attention_forward", "attention_backward", "chunk_log_decay_sums"]
@@ -167,11 +168,14 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
         # wider than 128 would need 256 KiB there, more than an H100 / H200 block has. So this
         # launch reads a centred copy of V instead (a read and a write of V more).
         v_dk, shift_dk = centred_copy(v, shift), None
-    dk, _, c = chunk_outputs(v_dk, dn, q, g, states, col_offset=dc, partner=k if want_decay else None,
-                             persistent=persistent, shift=shift_dk, shifted="q", **flipped)
-    # ... which dV = A(K, Q, dN) reads transposed.
-    dv, _, _ = chunk_outputs(k, q, dn, g, States(states.S), transposed_state=True, persistent=persistent,
-                             **flipped)
+    # ... which dV = A(K, Q, dN) reads transposed: in dK's launch where that was measured faster.
+    dk_options = dict(col_offset=dc, partner=k if want_decay else None, shift=shift_dk, **flipped)
+    if twin_outputs(v.dtype, q.shape[-1], v.shape[-1], chunk_size, g is not None):
+        dk, c, dv = chunk_outputs_and_twin(v_dk, dn, q, g, states, k, **dk_options)
+    else:
+        dk, _, c = chunk_outputs(v_dk, dn, q, g, states, persistent=persistent, shifted="q", **dk_options)
+        dv, _, _ = chunk_outputs(k, q, dn, g, States(states.S), transposed_state=True, persistent=persistent,
+                                 **flipped)
 
     d_log_decay = None
     if want_decay:

@@ -25,7 +25,8 @@ _launch_carries = Launcher(segment_carries_kernel)
 _launch_output = Launcher(chunk_output_kernel)
 
 __all__ = ["States", "padded_chunk_sums", "chunk_states", "chunk_outputs", "masked_operator", "launch_config",
-           "states_plan", "persistent_outputs", "float32_dot_precision", "ceil_div", "next_power_of_2"]
+           "states_plan", "persistent_outputs", "twin_outputs", "chunk_outputs_and_twin", "float32_dot_precision",
+           "ceil_div", "next_power_of_2"]
 
 
 MIN_SEGMENT_CHUNKS = 8  # a walk is cut into segments of at least this many chunks (states_plan)
@@ -136,6 +137,20 @@ def persistent_outputs(dtype: torch.dtype, dk: int, dv: int, chunk: int, decays:
     tensor-core dots (:func:`float32_dot_precision`) the persistent grid was 21 % slower
     (dev runs §30); LIT's, timed again, was -1 to +5 % (§29)."""
     return decays and dtype != torch.float32 and dk <= 64 and dv <= 64 and chunk <= 64
+
+
+def twin_outputs(dtype: torch.dtype, dk: int, dv: int, chunk: int, decays: bool) -> bool:
+    """Whether the backward pass makes dK and dV in one output launch
+    (:func:`chunk_outputs_and_twin`, one program per chunk), for the arguments of
+    :func:`persistent_outputs`: wherever the two launches would not run on the persistent grid.
+
+    Measured on an H200 (results/NOTES.md, 1c; B*H = 64, D = Dv = 64, bf16, CUDA-graph timing):
+    LIT's forward+backward -2 to -3.4 % bidirectional and 0 to -2.6 % causal at L = 1024 to
+    16384. Where the persistent grid runs the two launches (LION-S and LION-D in 16-bit with
+    heads and chunks up to 64), the pair on one program per chunk was slower from L = 4096 on
+    (+1.5 to +5 %; -1 to -3 % at 1024), and the pair on the persistent grid slower still (+3 to
+    +12 %): there the two launches stay."""
+    return not persistent_outputs(dtype, dk, dv, chunk, decays)
 
 
 def padded_chunk_sums(log_decay, chunk_size: int):
@@ -275,7 +290,50 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
     ``shifted`` (``"q"``, ``"k"`` or ``"v"``), which the kernel centres as it loads it
     (:mod:`.centring`); ``shifted_out`` (like ``out``, with ``shifted="v"``): also write
     ``out + m`` there. See :func:`masked_operator` for the rest.
+
+    Returns ``out``, the normaliser ``[BH, L]`` float32 (or ``None``) and the pair of partner
+    row dots (or ``None``).
     """
+    return _outputs(q, k, v, g, states, None, lower=lower, upper=upper, chunk_size=chunk_size,
+                    normalize=normalize, with_den=with_den, row_offset=row_offset, col_offset=col_offset,
+                    partner=partner, transposed_state=transposed_state, out=out, persistent=persistent,
+                    shift=shift, shifted=shifted, shifted_out=shifted_out)[:3]
+
+
+def chunk_outputs_and_twin(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_size: int,
+                           col_offset=None, partner=None, transposed_state: bool = False, shift=None):
+    """:func:`chunk_outputs`, and in the same launch its *twin*: the plain operator with queries
+    ``q2 [BH, L, DV]``, keys ``v`` and values ``k``, ``out2_i = sum_j M_ij (q2_i . v_j) k_j``.
+
+    The states ``S`` of ``chunk_outputs``'s operator are sums of ``k_j v_j^T``: read the other
+    way (transposed where it reads them as stored, and the reverse) they are the twin's
+    ``v_j k_j^T``, and the twin's keys and values are the chunk's ``v`` and ``k`` again, so one
+    program per chunk makes both outputs and reads those once from memory. The twin has no
+    offset, normaliser, partner dots or shift; ``shift``, if given, centres ``q`` alone
+    (``shifted="q"``). The backward pass's dK and dV are such a pair (:mod:`.autograd`). One
+    program per chunk: on the persistent grid the pair was slower than two launches
+    (results/NOTES.md, 1c).
+
+    Returns ``(out, dots, out2)``: ``out`` and ``dots`` as :func:`chunk_outputs` returns them,
+    ``out2 [BH, L, DK]`` in ``k``'s dtype.
+    """
+    BH, L = q.shape[:2]
+    DV = v.shape[-1]
+    if q2.shape != (BH, L, DV):
+        raise ValueError(f"q2 must have shape [BH, L, DV] = {[BH, L, DV]} (the twin's queries meet v), "
+                         f"got {list(q2.shape)}")
+    out, _, dots, out2 = _outputs(q, k, v, g, states, q2, lower=lower, upper=upper, chunk_size=chunk_size,
+                                  col_offset=col_offset, partner=partner, transposed_state=transposed_state,
+                                  shift=shift, shifted="q")
+    return out, dots, out2
+
+
+def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_size: int,
+             normalize: bool = False, with_den: bool = False, row_offset=None, col_offset=None,
+             partner=None, transposed_state: bool = False, out=None, persistent: bool = False,
+             shift=None, shifted: str = "v", shifted_out=None):
+    """The launch behind :func:`chunk_outputs` and :func:`chunk_outputs_and_twin`:
+    ``(out, den, dots, out2)``, ``out2`` ``None`` without the twin's queries ``q2``."""
     if shifted_out is not None and (shift is None or shifted != "v"):
         raise ValueError("shifted_out needs the values' shift (shift, shifted='v')")
     if row_offset is not None and col_offset is not None:
@@ -294,6 +352,7 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
         out = torch.empty(BH, L, DV, device=q.device, dtype=v.dtype)
     den = torch.empty(BH, L, **f32) if with_den else None
     dots = (torch.empty(BH, L, **f32), torch.empty(BH, L, **f32)) if partner is not None else None
+    out2 = None if q2 is None else torch.empty(BH, L, DK, device=q.device, dtype=k.dtype)
     if persistent:  # a few programs per multiprocessor, each looping over chunks
         grid = (min(N * BH, cfg["output_programs_per_sm"] * _multiprocessors(q.device)),)
     else:  # one program per chunk
@@ -301,14 +360,14 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
     _launch_output(
         grid, q, k, v, *(_or_dummy(t, q) for t in (g, offset)), states.S, *(_or_dummy(t, q) for t in states[1:]),
         _or_dummy(partner, q), out, _or_dummy(den, q), *(dots if dots is not None else (q, q)),
-        _or_dummy(shift, q), _or_dummy(shifted_out, q), L, N, BH,
+        _or_dummy(shift, q), _or_dummy(shifted_out, q), _or_dummy(q2, q), _or_dummy(out2, q), L, N, BH,
         LOWER=lower, UPPER=upper, WITH_DEN=with_den, NORMALIZE=normalize,
         ROW_OFFSET=row_offset is not None, COL_OFFSET=col_offset is not None, SPLIT=partner is not None,
         TRANSPOSED_STATE=transposed_state, SHIFT=0 if shift is None else ("q", "k", "v").index(shifted) + 1,
-        SHIFTED=shifted_out is not None, DK=DK, DV=DV, BLOCK_DV=cfg["output_block_dv"],
-        PERSISTENT=persistent, LOOP_STAGES=cfg["output_loop_stages"], num_warps=cfg["output_warps"],
-        num_stages=cfg["output_stages"], **_flags(q, g, chunk_size))
-    return out, den, dots
+        SHIFTED=shifted_out is not None, TWIN=q2 is not None, DK=DK, DV=DV, BLOCK_DV=cfg["output_block_dv"],
+        BLOCK_DV2=min(DK, 64), PERSISTENT=persistent, LOOP_STAGES=cfg["output_loop_stages"],
+        num_warps=cfg["output_warps"], num_stages=cfg["output_stages"], **_flags(q, g, chunk_size))
+    return out, den, dots, out2
 
 
 def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, normalize: bool = False,

@@ -192,6 +192,8 @@ def chunk_output_kernel(
     dot_before_ptr, dot_after_ptr,  # out: the partner row dots [BH, L] float32 (SPLIT)
     shift_ptr,  # the values' shift m [BH, width of the input it shifts] float32 (SHIFT)
     shifted_ptr,  # out: out + m [BH, L, DV] in v's dtype (SHIFTED)
+    q2_ptr,  # TWIN: the second operator's queries [BH, L, DV] (its keys are v, its values k)
+    out2_ptr,  # TWIN: its output [BH, L, DK] in k's dtype
     L, N, BH,  # sequence length, chunks per sequence, sequences
     LOWER: tl.constexpr,  # keys j < i count (forward state in slot 0)
     UPPER: tl.constexpr,  # keys j > i count (backward state in the next slot)
@@ -204,8 +206,10 @@ def chunk_output_kernel(
     TRANSPOSED_STATE: tl.constexpr,  # the states are stored transposed, [DV, DK] (see _state_share)
     SHIFT: tl.constexpr,  # which input is centred as loaded: 0 none, 1 q, 2 k, 3 v (module docstring)
     SHIFTED: tl.constexpr,  # also store out + m (SHIFT == 3)
+    TWIN: tl.constexpr,  # also the plain operator A(q2, v, k), the same states read the other way (not PERSISTENT)
     CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,  # value columns per step of the tile loop
+    BLOCK_DV2: tl.constexpr,  # the same for the twin operator's values (DK wide)
     PRECISION: tl.constexpr,  # float32 inputs: launch.float32_dot_precision; ignored for 16-bit
     PERSISTENT: tl.constexpr,  # a grid of a few programs per SM, each looping over chunks
     LOOP_STAGES: tl.constexpr,  # with PERSISTENT: how many chunks' loads are in flight at once
@@ -225,8 +229,18 @@ def chunk_output_kernel(
                           HAS_DECAY, SCALAR_DECAY, WITH_DEN, NORMALIZE, ROW_OFFSET, COL_OFFSET, SPLIT,
                           TRANSPOSED_STATE, SHIFT, SHIFTED, CHUNK, DK, DV, BLOCK_DV, PRECISION)
     else:
-        _chunk_output(tl.program_id(0), tl.program_id(1).to(tl.int64), BH,
-                      q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr, out_ptr,
-                      den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, L, N, LOWER, UPPER,
+        n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        _chunk_output(n, bh, BH, q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr,
+                      out_ptr, den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, L, N, LOWER, UPPER,
                       HAS_DECAY, SCALAR_DECAY, WITH_DEN, NORMALIZE, ROW_OFFSET, COL_OFFSET, SPLIT, TRANSPOSED_STATE,
                       SHIFT, SHIFTED, CHUNK, DK, DV, BLOCK_DV, PRECISION)
+        if TWIN:
+            # The states hold sum_j k_j v_j^T; read transposed, sum_j v_j k_j^T, they are the
+            # states of the operator with keys v and values k, for any queries q2: the backward's
+            # dV beside its dK (autograd.py). This chunk's v and k were just loaded, so their
+            # second load is served by the caches. Plain: no offset, normaliser, dots or shift.
+            # (Not on the persistent grid: there the pair was slower than two launches; NOTES 1c.)
+            _chunk_output(n, bh, BH, q2_ptr, v_ptr, k_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr,
+                          partner_ptr, out2_ptr, den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, L,
+                          N, LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, False, False, False, False, False,
+                          not TRANSPOSED_STATE, 0, False, CHUNK, DV, DK, BLOCK_DV2, PRECISION)
