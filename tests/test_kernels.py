@@ -514,11 +514,10 @@ def test_twin_queries_must_meet_the_values():
     from lionedu.kernels import launch
 
     BH, L, C = 2, 20, 16
-    q, k, v = torch.rand(BH, L, 16), torch.rand(BH, L, 16), torch.rand(BH, L, 32)
+    q, k, v = (torch.rand(BH, L, d, device=DEVICE) for d in (16, 16, 32))
     states = launch.chunk_states(k, v, None, lower=True, upper=True, chunk_size=C)
     with pytest.raises(ValueError, match=r"q2 must have shape \[BH, L, DV\] = \[2, 20, 32\]"):
-        launch.chunk_outputs_and_twin(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None, states, q.to(DEVICE),
-                                      lower=True, upper=True, chunk_size=C)
+        launch.chunk_outputs_and_twin(q, k, v, None, states, q, lower=True, upper=True, chunk_size=C)
 
 
 @pytest.mark.parametrize("variant", ["lit", "d", "s"])
