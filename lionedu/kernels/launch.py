@@ -142,15 +142,17 @@ def persistent_outputs(dtype: torch.dtype, dk: int, dv: int, chunk: int, decays:
 def twin_outputs(dtype: torch.dtype, dk: int, dv: int, chunk: int, decays: bool) -> bool:
     """Whether the backward pass makes dK and dV in one output launch
     (:func:`chunk_outputs_and_twin`, one program per chunk), for the arguments of
-    :func:`persistent_outputs`: wherever the two launches would not run on the persistent grid.
+    :func:`persistent_outputs`: for 16-bit inputs whose two launches would not run on the
+    persistent grid.
 
-    Measured on an H200 (results/NOTES.md, 1c; B*H = 64, D = Dv = 64, bf16, CUDA-graph timing):
-    LIT's forward+backward -2 to -3.4 % bidirectional and 0 to -2.6 % causal at L = 1024 to
-    16384. Where the persistent grid runs the two launches (LION-S and LION-D in 16-bit with
-    heads and chunks up to 64), the pair on one program per chunk was slower from L = 4096 on
-    (+1.5 to +5 %; -1 to -3 % at 1024), and the pair on the persistent grid slower still (+3 to
-    +12 %): there the two launches stay."""
-    return not persistent_outputs(dtype, dk, dv, chunk, decays)
+    Measured on an H200 (results/NOTES.md, 1c; B*H = 64, bf16 unless said, CUDA-graph timing of
+    forward+backward): with D = Dv = 64, LIT -2 to -3.4 % bidirectional and 0 to -2.6 % causal
+    at L = 1024 to 16384; with D = Dv = 128 at L = 4096, LION-S -1.2 % and LIT -3.9 %. Where
+    the persistent grid runs the two launches (LION-S and LION-D in 16-bit with heads and chunks
+    up to 64), the pair on one program per chunk was slower from L = 4096 on (+1.5 to +5 %; -1
+    to -3 % at 1024), and the pair on the persistent grid slower still (+3 to +12 %). float32:
+    LION-S +11 %, LIT +0.1 % (D = 64, L = 4096). Those keep two launches."""
+    return dtype != torch.float32 and not persistent_outputs(dtype, dk, dv, chunk, decays)
 
 
 def padded_chunk_sums(log_decay, chunk_size: int):
