@@ -64,10 +64,11 @@ result = {}
 for name, flags in launches.items():
     consts = dict(LOWER=True, UPPER=True, HAS_DECAY=True, SCALAR_DECAY=False, WITH_DEN=False, NORMALIZE=False,
                   ROW_OFFSET=False, COL_OFFSET=False, SPLIT=False, TRANSPOSED_STATE=False, SHIFT=0, SHIFTED=False,
-                  TWIN=False, CHUNK=chunk, DK=d, DV=d, BLOCK_DV=min(d, 64), BLOCK_DV2=min(d, 64), PRECISION="tf32",
+                  TWIN=False, CARRIES=False, CHUNK=chunk, DK=d, DV=d, BLOCK_DV=min(d, 64), BLOCK_DV2=min(d, 64),
+                  PRECISION="tf32",
                   PERSISTENT=True, LOOP_STAGES=stages)
     consts.update(flags)
-    kernel = compile_for_gpu(chunk_output_kernel, consts, ("L", "N", "BH"), pointers)
+    kernel = compile_for_gpu(chunk_output_kernel, consts, ("L", "N", "BH", "seg_chunks"), pointers)
     result[name] = dict(shared=kernel.metadata.shared,
                         async_copies=kernel.asm["ttgir"].count("async_copy_global_to_local"))
 print(json.dumps(result))
@@ -82,9 +83,10 @@ kernels = {  # the forward's two launches (lionedu/kernels/autograd.py), LION-S,
     "states": (chunk_states_kernel, ("L", "N", "stats_blocks", "seg_chunks"),
                dict(FIRST_DIRECTION=0, WITH_Z=True, WITH_U=False, WITH_W=False, SEGMENTED=False, BLOCK_DK=64,
                     BLOCK_DV=64, WEIGHTS_BY_PRODUCT=False, SHIFT_VALUES=True, **shift_constants(torch.float32))),
-    "output": (chunk_output_kernel, ("L", "N", "BH"),
+    "output": (chunk_output_kernel, ("L", "N", "BH", "seg_chunks"),
                dict(LOWER=True, UPPER=True, WITH_DEN=True, NORMALIZE=True, ROW_OFFSET=False, COL_OFFSET=False,
-                    SPLIT=False, TRANSPOSED_STATE=False, SHIFT=3, SHIFTED=True, TWIN=False, BLOCK_DV=64, BLOCK_DV2=64,
+                    SPLIT=False, TRANSPOSED_STATE=False, SHIFT=3, SHIFTED=True, TWIN=False, CARRIES=False, BLOCK_DV=64,
+                    BLOCK_DV2=64,
                     PERSISTENT=False, LOOP_STAGES=1)),
 }
 result = {}

@@ -267,6 +267,84 @@ def test_forward_without_gradients_on_values_with_a_common_part(L, D, Dv, varian
                              torch.float16)
 
 
+@pytest.mark.parametrize("variant", ["lit", "d", "s"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_without_gradients_in_segments(monkeypatch, variant, causal):
+    """The forward alone with its states walked in 3 segments (on the CPU the plan would give whole
+    walks): the output kernel adds the segments' carries as it reads each state (carries.py,
+    STARTS_ONLY), against float64 and near the training forward's error (which adds them in a
+    pass of its own); D != Dv, a last chunk not full."""
+    from lionedu.kernels import launch
+
+    rule = launch.launch_config
+    monkeypatch.setattr(launch, "launch_config", lambda *a, **kw: {**rule(*a, **kw), "states_segments": 3})
+    for normalize in (True, False):
+        assert_forward_close(forward_errors(2, 2, 150, 12, 20, variant, causal, normalize, 16, torch.float32, DEVICE,
+                                            seed=5), torch.float32)
+
+
+@settings(max_examples=10, deadline=None)
+@given(L=st.integers(1, 150), widths=st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2])),
+       tile_dk=st.sampled_from([16, 32, 64]), tile_dv=st.sampled_from([16, 32, 64]), segments=st.sampled_from([2, 3, 7]),
+       decay=st.sampled_from(["lit", "d", "s"]), triangles=st.sampled_from([(True, True), (True, False), (False, True)]),
+       with_den=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_masked_operator_folds_the_carries(L, widths, tile_dk, tile_dv, segments, decay, triangles, with_den, seed):
+    """``fold_carries``: a walk in segments leaves each segment's states as it made them, and the
+    output kernel adds what the earlier segments owe them as it reads them. The same float32
+    operations as the carries' own pass, so the same bits, for the output and the normaliser, in
+    state tiles and segments as drawn; and against the explicit mask in float64."""
+    from unittest import mock
+
+    from lionedu.kernels import launch
+
+    DK, DV = (w * (64 if DEVICE == "cuda" else 16) for w in widths)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    BH, C = 2, 16
+    q, k, v = (2 * torch.rand(BH, L, d, generator=gen, device=DEVICE) - 1 for d in (DK, DK, DV))
+    per_sequence = -torch.rand(BH, generator=gen, device=DEVICE) - 1e-3
+    per_token = {"lit": torch.zeros(BH, L, device=DEVICE), "d": per_sequence[:, None].expand(BH, L),
+                 "s": -2 * torch.rand(BH, L, generator=gen, device=DEVICE)}[decay]
+    g = {"lit": None, "d": per_sequence, "s": launch.padded_chunk_sums(per_token, C)}[decay]
+    lower, upper = triangles
+    rule = launch.launch_config
+    tiles = {"states_block_dk": min(tile_dk, DK), "states_block_dv": min(tile_dv, DV), "states_segments": segments}
+    with mock.patch.object(launch, "launch_config", lambda *args, **kw: {**rule(*args, **kw), **tiles}):
+        opts = dict(lower=lower, upper=upper, chunk_size=C, with_den=with_den)
+        folded = launch.masked_operator(q, k, v, g, fold_carries=True, **opts)
+        carried = launch.masked_operator(q, k, v, g, **opts)
+        states = launch.chunk_states(k, v, g, lower=lower, upper=upper, chunk_size=C, with_z=with_den,
+                                     fold_carries=True)
+    N = launch.ceil_div(L, C)
+    walked_in_segments = launch.ceil_div(N, launch.ceil_div(N, segments)) > 1  # as chunk_states cuts the walk
+    assert (states.starts is not None) == walked_in_segments
+    assert torch.equal(folded[0], carried[0])
+    if with_den:
+        assert torch.equal(folded[1], carried[1])
+    ref, _ = _operator_reference(q, k, v, per_token, lower, upper)
+    assert _rel(folded[0], ref) < 1e-5
+
+
+def test_folded_carries_are_refused_where_they_do_not_apply():
+    """The carries are folded into the output kernel only for states read as stored, with no score
+    offsets and no twin: the launchers refuse the rest by name, before any launch."""
+    from unittest import mock
+
+    from lionedu.kernels import launch
+
+    BH, L, C = 2, 40, 16
+    q, k, v, b = (torch.rand(BH, L, 16, device=DEVICE) for _ in range(4))
+    with pytest.raises(ValueError, match="fold_carries"):
+        launch.chunk_states(k, v, None, lower=True, upper=True, chunk_size=C, col_offset=b[..., 0], fold_carries=True)
+    rule = launch.launch_config
+    with mock.patch.object(launch, "launch_config", lambda *args, **kw: {**rule(*args, **kw), "states_segments": 2}):
+        states = launch.chunk_states(k, v, None, lower=True, upper=True, chunk_size=C, fold_carries=True)
+    assert states.starts is not None
+    with pytest.raises(ValueError, match="states.starts"):
+        launch.chunk_outputs(v, v, k, None, states, lower=True, upper=True, chunk_size=C, transposed_state=True)
+    with pytest.raises(ValueError, match="states.starts"):
+        launch.chunk_outputs_and_twin(q, k, v, None, states, v, lower=True, upper=True, chunk_size=C)
+
+
 def test_forward_without_gradients_in_float16_range():
     """Normalised float16 with a large common part (values 1000 + u): uncentred, LIT's float16 states
     (``sum_j k_j v_j^T``) would pass 65504 at L = 256 and the output would not be finite; the forward

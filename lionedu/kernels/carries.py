@@ -20,7 +20,10 @@ Each program here takes one segment of one walk: it scans the end records of the
 before it into ``C_p`` (``P`` is small: a few loads from the L2 cache) and adds
 ``exp(γ_n) C_p`` to every state its segment stored. That is one more read and write of the
 states, worth it only where the walk, not memory, is the limit (the launch rule in
-:mod:`.launch` decides).
+:mod:`.launch` decides). A forward without gradients reads each state once, so there
+(``STARTS_ONLY``) the program only writes ``C_p`` and its key sums, and the output kernel adds
+``exp(γ_n) C_p`` to the state it loads, in the same float32 operations (:mod:`.output`,
+``CARRIES``): the same numbers without that pass over the states.
 
 End record of a segment, float32, ``RECORD = DK*DV + DK + 2*DV + 1`` numbers:
 ``[E (DK x DV, row-major) | E_z (DK) | E_u (DV) | E_w (DV) | Γ]``.
@@ -44,12 +47,14 @@ def segment_carries_kernel(
     z_ptr, u_ptr, w_ptr,  # in/out: [slots, BH, N, DK], [slots, BH, N, DV] x 2, float32 (when kept)
     ends_ptr,  # the segments' end records [slots, BH, P, RECORD] float32 (module docstring)
     gamma_ptr,  # log decay from each chunk to its segment's edge [slots, BH, N] float32 (HAS_DECAY)
+    start_ptr, start_z_ptr,  # out (STARTS_ONLY): C_p [slots, BH, P, DK, DV] and its key sums [slots, BH, P, DK], float32
     N, seg_chunks,  # chunks per walk, chunks per segment
     FIRST_DIRECTION: tl.constexpr,  # direction of slot 0: 0 forward, 1 backward
     HAS_DECAY: tl.constexpr,
     WITH_Z: tl.constexpr, WITH_U: tl.constexpr, WITH_W: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,  # value columns per step of the tile loop
+    STARTS_ONLY: tl.constexpr,  # write C_p (and C_z) instead of adding them to the states (WITH_U, WITH_W: no)
 ):
     # ---- Which piece of work is ours: segment p of one (direction, sequence) walk ------------
     bh = tl.program_id(0).to(tl.int64)
@@ -66,29 +71,35 @@ def segment_carries_kernel(
     count = tl.minimum(seg_chunks, N - first)
     dk = tl.arange(0, DK)
 
-    if earlier > 0:  # the first segment of a walk starts at the sequence's edge: nothing to add
-        for tile in range(0, DV // BLOCK_DV):
-            dv = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    for tile in range(0, DV // BLOCK_DV):
+        dv = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
 
-            # ---- C_p: scan the earlier segments' end records, nearest last ---------------------
-            C = tl.zeros([DK, BLOCK_DV], dtype=tl.float32)
-            Cz = tl.zeros([DK], dtype=tl.float32)
-            Cu = tl.zeros([BLOCK_DV], dtype=tl.float32)
-            Cw = tl.zeros([BLOCK_DV], dtype=tl.float32)
-            for i in range(0, earlier):
-                s = tl.where(backward, P - 1 - i, i)
-                end = (seq * P + s) * RECORD
-                decay = 1.0
-                if HAS_DECAY:
-                    decay = tl.exp(tl.load(ends_ptr + end + RECORD - 1))  # exp(Γ_s)
-                C = decay * C + tl.load(ends_ptr + end + dk[:, None] * DV + dv[None, :])
-                if WITH_Z:
-                    Cz = decay * Cz + tl.load(ends_ptr + end + DK * DV + dk)
-                if WITH_U:
-                    Cu = decay * Cu + tl.load(ends_ptr + end + DK * DV + DK + dv)
-                if WITH_W:
-                    Cw = decay * Cw + tl.load(ends_ptr + end + DK * DV + DK + DV + dv)
+        # ---- C_p: scan the earlier segments' end records, nearest last (none: C_p = 0) ---------
+        C = tl.zeros([DK, BLOCK_DV], dtype=tl.float32)
+        Cz = tl.zeros([DK], dtype=tl.float32)
+        Cu = tl.zeros([BLOCK_DV], dtype=tl.float32)
+        Cw = tl.zeros([BLOCK_DV], dtype=tl.float32)
+        for i in range(0, earlier):
+            s = tl.where(backward, P - 1 - i, i)
+            end = (seq * P + s) * RECORD
+            decay = 1.0
+            if HAS_DECAY:
+                decay = tl.exp(tl.load(ends_ptr + end + RECORD - 1))  # exp(Γ_s)
+            C = decay * C + tl.load(ends_ptr + end + dk[:, None] * DV + dv[None, :])
+            if WITH_Z:
+                Cz = decay * Cz + tl.load(ends_ptr + end + DK * DV + dk)
+            if WITH_U:
+                Cu = decay * Cu + tl.load(ends_ptr + end + DK * DV + DK + dv)
+            if WITH_W:
+                Cw = decay * Cw + tl.load(ends_ptr + end + DK * DV + DK + DV + dv)
 
+        if STARTS_ONLY:  # C_p itself, for the output kernel to add as it reads each state
+            start = seq * P + p
+            tl.store(start_ptr + start * DK * DV + dk[:, None] * DV + dv[None, :], C)
+            if WITH_Z:
+                if tile == 0:
+                    tl.store(start_z_ptr + start * DK + dk, Cz)
+        elif earlier > 0:  # the first segment of a walk starts at the sequence's edge: nothing to add
             # ---- Every state of our segment gets exp(γ_n) C_p -----------------------------------
             for step in range(0, count):
                 at = seq * N + first + step

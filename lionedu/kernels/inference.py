@@ -9,7 +9,9 @@ subtracts nothing of the common part, so in bfloat16 its output is about as accu
 itself; book chapter 8, section 12). In float32 it stays within float32's tolerance, but at
 several times the centred forward's error, which can sit at the rounding of ``y`` (dev runs §45).
 So a call that builds no autograd graph runs the two kernels as one plain masked operator
-(:func:`.launch.masked_operator`): no centring, one store, no autograd node; and LIT's
+(:func:`.launch.masked_operator`): no centring, one store, no autograd node, and where the states
+walk runs in segments (causal passes, few sequences), their carries added by the output kernel as
+it reads each state instead of in a pass of their own (:mod:`.carries`); and LIT's
 bidirectional attention, whose mask is all ones, needs no walk at all: it takes the global form
 of :mod:`.global_lit`.
 
@@ -50,6 +52,7 @@ def inference_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_s
         lit_forward(q_, k_, v_, normalize, out=y.view(B * H, L, -1))
     else:
         g = chunk_log_decay_sums(log_decay, B, H, L, chunk_size)
+        # Each state is read once, so a walk in segments leaves its carries to the output kernel.
         masked_operator(q_, k_, v_, g, lower=True, upper=not causal, chunk_size=chunk_size, normalize=normalize,
-                        with_den=normalize, out=y.view(B * H, L, -1))
+                        with_den=normalize, out=y.view(B * H, L, -1), fold_carries=True)
     return y if y.shape[-1] == Dv else y[..., :Dv].clone()

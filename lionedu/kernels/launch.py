@@ -24,8 +24,8 @@ _launch_states = Launcher(chunk_states_kernel)
 _launch_carries = Launcher(segment_carries_kernel)
 _launch_output = Launcher(chunk_output_kernel)
 
-__all__ = ["States", "padded_chunk_sums", "chunk_states", "chunk_outputs", "masked_operator", "launch_config",
-           "states_plan", "persistent_outputs", "twin_outputs", "chunk_outputs_and_twin", "float32_dot_precision",
+__all__ = ["States", "SegmentStarts", "padded_chunk_sums", "chunk_states", "chunk_outputs", "masked_operator",
+           "launch_config", "states_plan", "persistent_outputs", "twin_outputs", "chunk_outputs_and_twin", "float32_dot_precision",
            "ceil_div", "next_power_of_2"]
 
 
@@ -170,18 +170,34 @@ def padded_chunk_sums(log_decay, chunk_size: int):
     return torch.cumsum(log_decay.reshape(BH, N, chunk_size), -1, dtype=torch.float32).view(BH, N * chunk_size)
 
 
+class SegmentStarts(NamedTuple):
+    """What a walk in ``P`` segments owes each segment, for the output kernel to add as it reads the
+    states (:mod:`.carries`, ``STARTS_ONLY``): ``C [slots, BH, P, DK, DV]`` and ``z [slots, BH, P,
+    DK]`` (or ``None`` without key sums) float32, the state and key sums entering each segment,
+    ``gamma [slots, BH, N]`` float32 (``None`` without decays), each chunk's log decay from its
+    segment's edge, and ``seg_chunks``, the chunks per segment."""
+    C: torch.Tensor
+    z: Optional[torch.Tensor]
+    gamma: Optional[torch.Tensor]
+    seg_chunks: int
+
+
 class States(NamedTuple):
     """What kernel 1 leaves for kernel 2, for keys ``[BH, L, DK]`` and values ``[BH, L, DV]``.
 
     ``S [slots, BH, N, DK, DV]`` (the inputs' dtype) holds the state entering each chunk,
     slot 0 for the first direction asked for; ``z [slots, BH, N, DK]``, ``u`` and ``w``
     ``[slots, BH, N, DV]`` (float32, or ``None`` where not computed) the decayed sums of the
-    keys, the values and the values times the column offsets.
+    keys, the values and the values times the column offsets. ``starts``: ``None``, or, for a
+    walk in segments whose carries were not added (``chunk_states(..., fold_carries=True)``),
+    what each segment is owed (:class:`SegmentStarts`): ``S`` and ``z`` then hold each
+    segment's own keys only.
     """
     S: torch.Tensor
     z: Optional[torch.Tensor] = None
     u: Optional[torch.Tensor] = None
     w: Optional[torch.Tensor] = None
+    starts: Optional[SegmentStarts] = None
 
 
 def _or_dummy(t, dummy):
@@ -225,7 +241,8 @@ def _flags(q, g, chunk_size):
 
 
 def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: bool = False,
-                 with_u: bool = False, col_offset=None, value_stats=None, shift_out=None) -> States:
+                 with_u: bool = False, col_offset=None, value_stats=None, shift_out=None,
+                 fold_carries: bool = False) -> States:
     """Kernel 1: the states every chunk reads, for keys ``k [BH, L, DK]`` and values ``v [BH, L, DV]``.
 
     ``lower`` / ``upper`` ask for the forward states (keys before each chunk) and the
@@ -233,12 +250,18 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
     float32) for the key sums, value sums and offset-weighted value sums; ``value_stats``
     (:func:`.centring.value_stats` of ``v``) and ``shift_out`` (a ``[BH, DV]`` float32 tensor),
     together: the states of the centred values ``v - m``, the kernel writing the shift ``m``
-    to ``shift_out`` (:mod:`.centring`).
+    to ``shift_out`` (:mod:`.centring`). ``fold_carries``: where the walk runs in segments, leave
+    each segment's states as it made them and return what the segments are owed instead
+    (``States.starts``), for :func:`chunk_outputs` to add as it reads them; for states read once
+    (a forward without gradients), it saves the carries' pass over them. Not with ``with_u`` or
+    ``col_offset``.
     """
     if not (lower or upper):
         raise ValueError("chunk_states needs lower, upper or both")
     if (shift_out is None) != (value_stats is None):
         raise ValueError("chunk_states takes value_stats and shift_out together")
+    if fold_carries and (with_u or col_offset is not None):
+        raise ValueError("chunk_states folds the carries (fold_carries) only without the value sums (with_u, col_offset)")
     if shift_out is not None and (not with_z or with_u or col_offset is not None):
         raise ValueError("chunk_states centres the values (shift_out) only with the key sums (with_z), "
                          "without the value sums (with_u, col_offset)")
@@ -263,16 +286,22 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
                     DK=DK, DV=DV)
     _launch_states(
         (BH, (DK // cfg["states_block_dk"]) * (DV // cfg["states_block_dv"]), slots * segments),
-        k, v, _or_dummy(g, k), _or_dummy(col_offset, k), st.S, *(_or_dummy(t, k) for t in st[1:]),
+        k, v, _or_dummy(g, k), _or_dummy(col_offset, k), st.S, *(_or_dummy(t, k) for t in st[1:4]),
         _or_dummy(ends, k), _or_dummy(gamma, k), _or_dummy(value_stats, k), _or_dummy(shift_out, k), L, N,
         0 if value_stats is None else value_stats.shape[1], seg_chunks, SEGMENTED=segments > 1,
         SHIFT_VALUES=shift_out is not None, **shift_constants(v.dtype), **switches,
         BLOCK_DK=cfg["states_block_dk"], BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"],
         num_stages=cfg["states_stages"], WEIGHTS_BY_PRODUCT=weighted_sums_by_product(v.dtype), **_flags(k, g, chunk_size))
     if segments > 1:
-        _launch_carries((BH, segments, slots), st.S, *(_or_dummy(t, k) for t in st[1:]), ends, _or_dummy(gamma, k),
-                        N, seg_chunks, HAS_DECAY=g is not None, **switches, BLOCK_DV=min(DV, 64),
+        starts = None
+        if fold_carries:
+            starts = SegmentStarts(torch.empty(slots, BH, segments, DK, DV, **f32),
+                                   torch.empty(slots, BH, segments, DK, **f32) if with_z else None, gamma, seg_chunks)
+        _launch_carries((BH, segments, slots), st.S, *(_or_dummy(t, k) for t in st[1:4]), ends, _or_dummy(gamma, k),
+                        *((starts.C, _or_dummy(starts.z, k)) if fold_carries else (k, k)), N, seg_chunks,
+                        HAS_DECAY=g is not None, **switches, BLOCK_DV=min(DV, 64), STARTS_ONLY=fold_carries,
                         num_warps=8 if DK > 128 else 4, num_stages=1)
+        st = st._replace(starts=starts)
     return st
 
 
@@ -344,6 +373,10 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
         raise ValueError("normalize needs with_den")
     if not (lower or upper):
         raise ValueError("chunk_outputs needs lower, upper or both")
+    starts = states.starts
+    if starts is not None and (transposed_state or q2 is not None or row_offset is not None or col_offset is not None):
+        raise ValueError("chunk_outputs adds a segmented walk's carries (states.starts) only to states read as "
+                         "stored, without offsets or a twin")
     BH, L, DK = q.shape
     DV = v.shape[-1]
     N = ceil_div(L, chunk_size)
@@ -360,13 +393,15 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
     else:  # one program per chunk
         grid = (N, BH)
     _launch_output(
-        grid, q, k, v, *(_or_dummy(t, q) for t in (g, offset)), states.S, *(_or_dummy(t, q) for t in states[1:]),
+        grid, q, k, v, *(_or_dummy(t, q) for t in (g, offset)), states.S, *(_or_dummy(t, q) for t in states[1:4]),
         _or_dummy(partner, q), out, _or_dummy(den, q), *(dots if dots is not None else (q, q)),
-        _or_dummy(shift, q), _or_dummy(shifted_out, q), _or_dummy(q2, q), _or_dummy(out2, q), L, N, BH,
+        _or_dummy(shift, q), _or_dummy(shifted_out, q), _or_dummy(q2, q), _or_dummy(out2, q),
+        *((starts.C, _or_dummy(starts.z, q), _or_dummy(starts.gamma, q)) if starts is not None else (q, q, q)), L, N, BH,
+        1 if starts is None else starts.seg_chunks,
         LOWER=lower, UPPER=upper, WITH_DEN=with_den, NORMALIZE=normalize,
         ROW_OFFSET=row_offset is not None, COL_OFFSET=col_offset is not None, SPLIT=partner is not None,
         TRANSPOSED_STATE=transposed_state, SHIFT=0 if shift is None else ("q", "k", "v").index(shifted) + 1,
-        SHIFTED=shifted_out is not None, TWIN=q2 is not None, DK=DK, DV=DV, BLOCK_DV=cfg["output_block_dv"],
+        SHIFTED=shifted_out is not None, TWIN=q2 is not None, CARRIES=starts is not None, DK=DK, DV=DV, BLOCK_DV=cfg["output_block_dv"],
         BLOCK_DV2=min(DK, 64), PERSISTENT=persistent, LOOP_STAGES=cfg["output_loop_stages"],
         num_warps=cfg["output_warps"], num_stages=cfg["output_stages"], **_flags(q, g, chunk_size))
     return out, den, dots, out2
@@ -374,7 +409,7 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
 
 def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, normalize: bool = False,
                     with_den: bool = False, row_offset=None, col_offset=None, partner=None,
-                    persistent: bool = False, out=None):
+                    persistent: bool = False, out=None, fold_carries: bool = False):
     """``out_i = sum_j M_ij (q_i . k_j + a_i + b_j) v_j`` over ``j = i`` and, with ``lower``
     / ``upper``, the keys before / after ``i``: :func:`chunk_states`, then :func:`chunk_outputs`.
 
@@ -385,7 +420,9 @@ def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, no
     ``col_offset`` ``b``: at most one, ``[BH, L]`` float32; ``normalize`` divides by the
     normaliser (needs ``with_den``); ``partner`` ``P [BH, L, DV]`` asks for the row dots
     ``P_i . (keys-before part of out_i)`` and ``P_i . (keys-after part)``, diagonal in neither;
-    ``persistent``: the output kernel's grid, ``out``: where to write (:func:`chunk_outputs`).
+    ``persistent``: the output kernel's grid, ``out``: where to write (:func:`chunk_outputs`);
+    ``fold_carries``: a walk in segments leaves its carries to the output kernel
+    (:func:`chunk_states`), which reads each state once here; not with an offset.
 
     Returns ``out [BH, L, DV]`` in ``v``'s dtype, the normaliser ``[BH, L]`` float32 (or
     ``None``) and the pair of row dots ``[BH, L]`` float32 (or ``None``).
@@ -393,7 +430,7 @@ def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, no
     if row_offset is not None and col_offset is not None:
         raise ValueError("masked_operator takes a row offset or a column offset, not both")
     states = chunk_states(k, v, g, lower=lower, upper=upper, chunk_size=chunk_size, with_z=with_den,
-                          with_u=row_offset is not None, col_offset=col_offset)
+                          with_u=row_offset is not None, col_offset=col_offset, fold_carries=fold_carries)
     return chunk_outputs(q, k, v, g, states, lower=lower, upper=upper, chunk_size=chunk_size,
                          normalize=normalize, with_den=with_den, row_offset=row_offset,
                          col_offset=col_offset, partner=partner, persistent=persistent, out=out)

@@ -39,18 +39,37 @@ from .decays import chunk_log_decays
 
 
 @triton.jit
-def _state_share(q, offset, read_scale, S_ptr, u_ptr, w_ptr, at, dk, dv, DK: tl.constexpr, DV: tl.constexpr,
-                 ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr, TRANSPOSED_STATE: tl.constexpr,
+def _segment_start(at, N, seg_chunks, gamma_ptr, HAS_DECAY: tl.constexpr):
+    """``(start, scale)`` for the state ``at``: the index of its segment's ``C_p`` and
+    ``exp(γ_n)``, its decay from the segment's edge (:mod:`.carries`)."""
+    start = (at // N) * tl.cdiv(N, seg_chunks) + (at % N) // seg_chunks
+    scale = 1.0
+    if HAS_DECAY:
+        scale = tl.exp(tl.load(gamma_ptr + at))
+    return start, scale
+
+
+@triton.jit
+def _state_share(q, offset, read_scale, S_ptr, u_ptr, w_ptr, at, dk, dv, start_ptr, gamma_ptr, N, seg_chunks,
+                 DK: tl.constexpr, DV: tl.constexpr, ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,
+                 TRANSPOSED_STATE: tl.constexpr, HAS_DECAY: tl.constexpr, CARRIES: tl.constexpr,
                  PRECISION: tl.constexpr):
     """One stored state's share of a chunk's output, ``read_scale_i (q_i^T S + a_i u + w)``,
     for the value columns ``dv``: ``[C, BLOCK_DV]`` float32. ``at`` indexes the state.
 
     With ``TRANSPOSED_STATE`` the state was stored as ``S^T`` (``[DV, DK]``): another operator
-    with keys and values swapped computed it, and it is read in transposed order."""
+    with keys and values swapped computed it, and it is read in transposed order. With
+    ``CARRIES`` the walk ran in segments and the state holds its own segment's keys only: what
+    the earlier segments owe it, ``exp(γ_n) C_p``, is added here, in float32 and rounded to the
+    states' format once, as :mod:`.carries` would have added it in memory."""
     if TRANSPOSED_STATE:
         state = tl.load(S_ptr + at * DK * DV + dv[None, :] * DK + dk[:, None])
     else:
         state = tl.load(S_ptr + at * DK * DV + dk[:, None] * DV + dv[None, :])
+    if CARRIES:
+        start, scale = _segment_start(at, N, seg_chunks, gamma_ptr, HAS_DECAY)
+        carried = tl.load(start_ptr + start * DK * DV + dk[:, None] * DV + dv[None, :])
+        state = (state.to(tl.float32) + scale * carried).to(S_ptr.dtype.element_ty)
     share = tl.dot(q, state.to(q.dtype), input_precision=PRECISION)
     if ROW_OFFSET:
         share += offset[:, None] * tl.load(u_ptr + at * DV + dv)[None, :]
@@ -60,13 +79,26 @@ def _state_share(q, offset, read_scale, S_ptr, u_ptr, w_ptr, at, dk, dv, DK: tl.
 
 
 @triton.jit
+def _key_sums(z_ptr, at, dk, start_z_ptr, gamma_ptr, N, seg_chunks, DK: tl.constexpr, HAS_DECAY: tl.constexpr,
+              CARRIES: tl.constexpr):
+    """The key sums ``z`` [DK] float32 kept beside the state ``at`` (with ``CARRIES``, plus what
+    the earlier segments owe them, as in :func:`_state_share`)."""
+    z = tl.load(z_ptr + at * DK + dk)
+    if CARRIES:
+        start, scale = _segment_start(at, N, seg_chunks, gamma_ptr, HAS_DECAY)
+        z += scale * tl.load(start_z_ptr + start * DK + dk)
+    return z
+
+
+@triton.jit
 def _chunk_output(
     n, bh, BH,  # chunk n of sequence bh (int64), of BH sequences
     q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr, out_ptr, den_ptr,
-    dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, L, N,
+    dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, start_ptr, start_z_ptr, gamma_ptr, L, N, seg_chunks,
     LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_DECAY: tl.constexpr, SCALAR_DECAY: tl.constexpr,
     WITH_DEN: tl.constexpr, NORMALIZE: tl.constexpr, ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,
-    SPLIT: tl.constexpr, TRANSPOSED_STATE: tl.constexpr, SHIFT: tl.constexpr, SHIFTED: tl.constexpr, CHUNK: tl.constexpr,
+    SPLIT: tl.constexpr, TRANSPOSED_STATE: tl.constexpr, SHIFT: tl.constexpr, SHIFTED: tl.constexpr,
+    CARRIES: tl.constexpr, CHUNK: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """The output of chunk ``n`` of sequence ``bh``, all value columns, a tile of ``BLOCK_DV``
@@ -121,9 +153,11 @@ def _chunk_output(
     if WITH_DEN:
         den = tl.sum(scores, axis=1)
         if LOWER:
-            den += scale_before * tl.sum(q.to(tl.float32) * tl.load(z_ptr + at_before * DK + dk)[None, :], axis=1)
+            z = _key_sums(z_ptr, at_before, dk, start_z_ptr, gamma_ptr, N, seg_chunks, DK, HAS_DECAY, CARRIES)
+            den += scale_before * tl.sum(q.to(tl.float32) * z[None, :], axis=1)
         if UPPER:
-            den += scale_after * tl.sum(q.to(tl.float32) * tl.load(z_ptr + at_after * DK + dk)[None, :], axis=1)
+            z = _key_sums(z_ptr, at_after, dk, start_z_ptr, gamma_ptr, N, seg_chunks, DK, HAS_DECAY, CARRIES)
+            den += scale_after * tl.sum(q.to(tl.float32) * z[None, :], axis=1)
         tl.store(den_ptr + bh * L + rows, den, mask=row_ok)
         den = tl.where(row_ok, den, 1.0)  # padded rows: avoid 0 / 0 below (never stored)
     if SPLIT:
@@ -151,11 +185,13 @@ def _chunk_output(
             out_before = tl.dot(scores_before.to(v.dtype), v, input_precision=PRECISION)
             out_after = tl.dot(scores_after.to(v.dtype), v, input_precision=PRECISION)
             if LOWER:
-                out_before += _state_share(q, offset, scale_before, S_ptr, u_ptr, w_ptr, at_before, dk, dv,
-                                           DK, DV, ROW_OFFSET, COL_OFFSET, TRANSPOSED_STATE, PRECISION)
+                out_before += _state_share(q, offset, scale_before, S_ptr, u_ptr, w_ptr, at_before, dk, dv, start_ptr,
+                                           gamma_ptr, N, seg_chunks, DK, DV, ROW_OFFSET, COL_OFFSET,
+                                           TRANSPOSED_STATE, HAS_DECAY, CARRIES, PRECISION)
             if UPPER:
-                out_after += _state_share(q, offset, scale_after, S_ptr, u_ptr, w_ptr, at_after, dk, dv,
-                                          DK, DV, ROW_OFFSET, COL_OFFSET, TRANSPOSED_STATE, PRECISION)
+                out_after += _state_share(q, offset, scale_after, S_ptr, u_ptr, w_ptr, at_after, dk, dv, start_ptr,
+                                          gamma_ptr, N, seg_chunks, DK, DV, ROW_OFFSET, COL_OFFSET,
+                                          TRANSPOSED_STATE, HAS_DECAY, CARRIES, PRECISION)
             out = out_before + out_after + diagonal[:, None] * v.to(tl.float32)
             p = tl.load(partner_ptr + out_at, mask=row_ok[:, None], other=0.0).to(tl.float32)
             dot_before += tl.sum(p * out_before, axis=1)
@@ -163,11 +199,13 @@ def _chunk_output(
         else:
             out = tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
             if LOWER:
-                out += _state_share(q, offset, scale_before, S_ptr, u_ptr, w_ptr, at_before, dk, dv,
-                                    DK, DV, ROW_OFFSET, COL_OFFSET, TRANSPOSED_STATE, PRECISION)
+                out += _state_share(q, offset, scale_before, S_ptr, u_ptr, w_ptr, at_before, dk, dv, start_ptr, gamma_ptr,
+                                    N, seg_chunks, DK, DV, ROW_OFFSET, COL_OFFSET, TRANSPOSED_STATE, HAS_DECAY,
+                                    CARRIES, PRECISION)
             if UPPER:
-                out += _state_share(q, offset, scale_after, S_ptr, u_ptr, w_ptr, at_after, dk, dv,
-                                    DK, DV, ROW_OFFSET, COL_OFFSET, TRANSPOSED_STATE, PRECISION)
+                out += _state_share(q, offset, scale_after, S_ptr, u_ptr, w_ptr, at_after, dk, dv, start_ptr, gamma_ptr,
+                                    N, seg_chunks, DK, DV, ROW_OFFSET, COL_OFFSET, TRANSPOSED_STATE, HAS_DECAY,
+                                    CARRIES, PRECISION)
         if NORMALIZE:
             out = out / den[:, None]
         tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -194,7 +232,10 @@ def chunk_output_kernel(
     shifted_ptr,  # out: out + m [BH, L, DV] in v's dtype (SHIFTED)
     q2_ptr,  # TWIN: the second operator's queries [BH, L, DV] (its keys are v, its values k)
     out2_ptr,  # TWIN: its output [BH, L, DK] in k's dtype
+    start_ptr, start_z_ptr,  # CARRIES: each segment's C_p [slots, BH, P, DK, DV] and key sums [.., DK], float32
+    gamma_ptr,  # CARRIES with decays: each state's log decay from its segment's edge [slots, BH, N] float32
     L, N, BH,  # sequence length, chunks per sequence, sequences
+    seg_chunks,  # CARRIES: chunks per segment of the walk that made the states
     LOWER: tl.constexpr,  # keys j < i count (forward state in slot 0)
     UPPER: tl.constexpr,  # keys j > i count (backward state in the next slot)
     HAS_DECAY: tl.constexpr,  # False for LIT: no exponentials
@@ -207,6 +248,7 @@ def chunk_output_kernel(
     SHIFT: tl.constexpr,  # which input is centred as loaded: 0 none, 1 q, 2 k, 3 v (module docstring)
     SHIFTED: tl.constexpr,  # also store out + m (SHIFT == 3)
     TWIN: tl.constexpr,  # also the plain operator A(q2, v, k), the same states read the other way (not PERSISTENT)
+    CARRIES: tl.constexpr,  # the states are a segmented walk's own: add the segments' carries (carries.py) as read
     CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,  # value columns per step of the tile loop
     BLOCK_DV2: tl.constexpr,  # the same for the twin operator's values (DK wide)
@@ -225,15 +267,17 @@ def chunk_output_kernel(
         for t in tl.range(tl.program_id(0), N * BH, tl.num_programs(0), num_stages=LOOP_STAGES):
             _chunk_output(t % N, (t // N).to(tl.int64), BH,
                           q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr, out_ptr,
-                          den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, L, N, LOWER, UPPER,
-                          HAS_DECAY, SCALAR_DECAY, WITH_DEN, NORMALIZE, ROW_OFFSET, COL_OFFSET, SPLIT,
-                          TRANSPOSED_STATE, SHIFT, SHIFTED, CHUNK, DK, DV, BLOCK_DV, PRECISION)
+                          den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, start_ptr, start_z_ptr,
+                          gamma_ptr, L, N, seg_chunks, LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, WITH_DEN, NORMALIZE,
+                          ROW_OFFSET, COL_OFFSET, SPLIT, TRANSPOSED_STATE, SHIFT, SHIFTED, CARRIES, CHUNK, DK, DV,
+                          BLOCK_DV, PRECISION)
     else:
         n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         _chunk_output(n, bh, BH, q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr,
-                      out_ptr, den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, L, N, LOWER, UPPER,
-                      HAS_DECAY, SCALAR_DECAY, WITH_DEN, NORMALIZE, ROW_OFFSET, COL_OFFSET, SPLIT, TRANSPOSED_STATE,
-                      SHIFT, SHIFTED, CHUNK, DK, DV, BLOCK_DV, PRECISION)
+                      out_ptr, den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, start_ptr, start_z_ptr,
+                      gamma_ptr, L, N, seg_chunks, LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, WITH_DEN, NORMALIZE,
+                      ROW_OFFSET, COL_OFFSET, SPLIT, TRANSPOSED_STATE, SHIFT, SHIFTED, CARRIES, CHUNK, DK, DV, BLOCK_DV,
+                      PRECISION)
         if TWIN:
             # The states hold sum_j k_j v_j^T; read transposed, sum_j v_j k_j^T, they are the
             # states of the operator with keys v and values k, for any queries q2: the backward's
@@ -241,6 +285,7 @@ def chunk_output_kernel(
             # second load is served by the caches. Plain: no offset, normaliser, dots or shift.
             # (Not on the persistent grid: there the pair was slower than two launches; NOTES 1c.)
             _chunk_output(n, bh, BH, q2_ptr, v_ptr, k_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr,
-                          partner_ptr, out2_ptr, den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, L,
-                          N, LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, False, False, False, False, False,
-                          not TRANSPOSED_STATE, 0, False, CHUNK, DV, DK, BLOCK_DV2, PRECISION)
+                          partner_ptr, out2_ptr, den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr,
+                          start_ptr, start_z_ptr, gamma_ptr, L, N, seg_chunks, LOWER, UPPER, HAS_DECAY, SCALAR_DECAY,
+                          False, False, False, False, False, not TRANSPOSED_STATE, 0, False, False, CHUNK, DV, DK,
+                          BLOCK_DV2, PRECISION)
