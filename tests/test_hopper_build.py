@@ -54,11 +54,13 @@ def compile_for_gpu(kernel, consts, integers, pointers=None, capability=90, num_
 COMPILE = PRELUDE + r"""
 dtype, d, chunk, stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 pointer = {"bfloat16": "*bf16", "float16": "*fp16"}[dtype]
-pointers = {n: pointer for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "partner_ptr")}
+pointers = {n: pointer for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "partner_ptr", "q2_ptr", "out2_ptr")}
 launches = {  # the backward's three output launches (lionedu/kernels/autograd.py), LION-S, bidirectional
     "dQ": dict(ROW_OFFSET=True, SPLIT=True, TRANSPOSED_STATE=True, SHIFT=2),
     "dK": dict(COL_OFFSET=True, SPLIT=True, SHIFT=1),
     "dV": dict(TRANSPOSED_STATE=True),
+    # dK and dV in one launch (launch.chunk_outputs_and_twin), which runs one program per chunk
+    "dK and dV": dict(COL_OFFSET=True, SPLIT=True, SHIFT=1, TWIN=True, PERSISTENT=False, LOOP_STAGES=1),
 }
 result = {}
 for name, flags in launches.items():
@@ -168,9 +170,20 @@ def test_persistent_backward_is_pipelined_and_fits_on_hopper(dtype):
     backward launch: loads pipelined, ``output_programs_per_sm`` programs within shared memory."""
     assert persistent_outputs(getattr(torch, dtype), 64, 64, 64, True)
     config = launch_config(64, 64, 64)
-    for name, kernel in compile_for_hopper(dtype, 64, 64, config["output_loop_stages"]).items():
+    launches = compile_for_hopper(dtype, 64, 64, config["output_loop_stages"])
+    launches.pop("dK and dV")  # one program per chunk: no loop to pipeline (the next test)
+    for name, kernel in launches.items():
         assert kernel["async_copies"] > 0, f"{name}: the persistent loop was not pipelined"
         assert config["output_programs_per_sm"] * kernel["shared"] <= HOPPER_SHARED_BYTES, (name, kernel)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_paired_backward_launch_fits_on_hopper(d):
+    """dK and dV in one launch (the rule takes it for 16-bit heads off the persistent grid: LIT,
+    and heads wider than 64) compiles for sm_90 and fits in a block's shared memory, at 64- and
+    128-wide heads."""
+    kernel = compile_for_hopper("bfloat16", d, 64, 1)["dK and dV"]
+    assert 0 < kernel["shared"] <= HOPPER_SHARED_BYTES, kernel
 
 
 def test_float32_dots_run_on_tensor_cores_on_hopper(monkeypatch):

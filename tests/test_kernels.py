@@ -587,15 +587,25 @@ def test_outputs_and_twin(L, widths, decay, triangles, offset, transposed, seed)
 
 
 def test_twin_queries_must_meet_the_values():
-    """The twin's queries ``q2`` meet the values ``v`` (they are its keys): another width is
-    refused by name, before any launch."""
+    """The twin's queries ``q2`` meet the values ``v`` (they are its keys): another width, another
+    dtype or a non-contiguous tensor (the kernel reads it as contiguous rows) is refused by name,
+    before any launch; the persistent grid, which never runs the twin, is refused too."""
     from lionedu.kernels import launch
 
     BH, L, C = 2, 20, 16
     q, k, v = (torch.rand(BH, L, d, device=DEVICE) for d in (16, 16, 32))
     states = launch.chunk_states(k, v, None, lower=True, upper=True, chunk_size=C)
+    opts = dict(lower=True, upper=True, chunk_size=C)
     with pytest.raises(ValueError, match=r"q2 must have shape \[BH, L, DV\] = \[2, 20, 32\]"):
-        launch.chunk_outputs_and_twin(q, k, v, None, states, q, lower=True, upper=True, chunk_size=C)
+        launch.chunk_outputs_and_twin(q, k, v, None, states, q, **opts)
+    with pytest.raises(ValueError, match="q2 must be a contiguous tensor of k's dtype"):
+        launch.chunk_outputs_and_twin(q, k, v, None, states, v.double(), **opts)
+    with pytest.raises(ValueError, match="not contiguous"):
+        launch.chunk_outputs_and_twin(q, k, v, None, states, v.transpose(1, 2).contiguous().transpose(1, 2), **opts)
+    with pytest.raises(TypeError, match="q2 must be a tensor"):
+        launch.chunk_outputs_and_twin(q, k, v, None, states, v.tolist(), **opts)
+    with pytest.raises(ValueError, match="persistent grid"):
+        launch._outputs(q, k, v, None, states, v, persistent=True, **opts)
 
 
 @pytest.mark.parametrize("variant", ["lit", "d", "s"])
@@ -606,13 +616,30 @@ def test_backward_with_and_without_the_twin_launch(monkeypatch, variant, causal)
     the same errors to the last bit; on a GPU the two compiled kernels may round otherwise."""
     from lionedu.kernels import autograd
 
-    results = {}
+    results, paired = {}, []
+    pair = autograd.chunk_outputs_and_twin
+    monkeypatch.setattr(autograd, "chunk_outputs_and_twin", lambda *a, **kw: paired.append(1) or pair(*a, **kw))
     for twin in (False, True):
         monkeypatch.setattr(autograd, "twin_outputs", lambda *args, twin=twin: twin)
+        paired.clear()
         results[twin] = compare(2, 2, 100, 12, 20, variant, causal, True, 16, torch.float32, DEVICE)
         assert_close(results[twin], torch.float32)
+        assert len(paired) == int(twin)  # one backward pass, the pair taken exactly when asked for
     if DEVICE == "cpu":
         assert results[False] == results[True]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_of_float16_lit_takes_the_twin_launch(monkeypatch, causal):
+    """The path the rule picks for 16-bit LIT (launch.twin_outputs), unpatched: dK and dV in one
+    launch, every gradient within float16's tolerance of float64."""
+    from lionedu.kernels import autograd
+
+    paired = []
+    pair = autograd.chunk_outputs_and_twin
+    monkeypatch.setattr(autograd, "chunk_outputs_and_twin", lambda *a, **kw: paired.append(1) or pair(*a, **kw))
+    assert_close(compare(2, 2, 100, 16, 32, "lit", causal, True, 16, torch.float16, DEVICE, direct=True), torch.float16)
+    assert paired == [1]
 
 
 def _mild_decays(decay, BH, L, C, gen):
@@ -777,7 +804,7 @@ def test_twin_outputs_rule():
              (torch.float16, 64, 64, 64, False), (torch.bfloat16, 128, 64, 64, True), (torch.bfloat16, 64, 64, 128, True),
              (torch.float32, 64, 64, 64, True), (torch.float32, 64, 64, 64, False)]
     assert [twin_outputs(*c) for c in cases] == [False, False, True, True, True, True, False, False]
-    assert not any(twin_outputs(*c) and persistent_outputs(*c) for c in cases)
+    assert [persistent_outputs(*c) for c in cases] == [True, True, False, False, False, False, False, False]
 
 
 def test_persistent_outputs_rule():

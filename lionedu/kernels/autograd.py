@@ -170,7 +170,7 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
         v_dk, shift_dk = centred_copy(v, shift), None
     # ... which dV = A(K, Q, dN) reads transposed: in dK's launch where that was measured faster.
     dk_options = dict(col_offset=dc, partner=k if want_decay else None, shift=shift_dk, **flipped)
-    if twin_outputs(v.dtype, q.shape[-1], v.shape[-1], chunk_size, g is not None):
+    if twin_outputs(v.dtype, k.shape[-1], v.shape[-1], chunk_size, g is not None):
         dk, c, dv = chunk_outputs_and_twin(v_dk, dn, q, g, states, k, **dk_options)
     else:
         dk, _, c = chunk_outputs(v_dk, dn, q, g, states, persistent=persistent, shifted="q", **dk_options)

@@ -146,7 +146,7 @@ def twin_outputs(dtype: torch.dtype, dk: int, dv: int, chunk: int, decays: bool)
     persistent grid.
 
     Measured on an H200 (results/NOTES.md, 1c; B*H = 64, bf16 unless said, CUDA-graph timing of
-    forward+backward): with D = Dv = 64, LIT -2 to -3.4 % bidirectional and 0 to -2.6 % causal
+    forward+backward): with D = Dv = 64, LIT -2.9 to -3.4 % bidirectional and -0.1 to -2.6 % causal
     at L = 1024 to 16384; with D = Dv = 128 at L = 4096, LION-S -1.2 % and LIT -3.9 %. Where
     the persistent grid runs the two launches (LION-S and LION-D in 16-bit with heads and chunks
     up to 64), the pair on one program per chunk was slower from L = 4096 on (+1.5 to +5 %; -1
@@ -350,9 +350,14 @@ def chunk_outputs_and_twin(q, k, v, g, states: States, q2, *, lower: bool, upper
     """
     BH, L = q.shape[:2]
     DV = v.shape[-1]
+    if not isinstance(q2, torch.Tensor):
+        raise TypeError(f"q2 must be a tensor, got {type(q2).__name__}")
     if q2.shape != (BH, L, DV):
         raise ValueError(f"q2 must have shape [BH, L, DV] = {[BH, L, DV]} (the twin's queries meet v), "
                          f"got {list(q2.shape)}")
+    if q2.dtype != k.dtype or q2.device != k.device or not q2.is_contiguous():
+        raise ValueError(f"q2 must be a contiguous tensor of k's dtype and device ({k.dtype}, {k.device}), got "
+                         f"{q2.dtype} on {q2.device}{'' if q2.is_contiguous() else ', not contiguous'}")
     out, _, dots, out2 = _outputs(q, k, v, g, states, q2, lower=lower, upper=upper, chunk_size=chunk_size,
                                   col_offset=col_offset, partner=partner, transposed_state=transposed_state,
                                   shift=shift, shifted="q")
@@ -363,8 +368,9 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
              normalize: bool = False, with_den: bool = False, row_offset=None, col_offset=None,
              partner=None, transposed_state: bool = False, out=None, persistent: bool = False,
              shift=None, shifted: str = "v", shifted_out=None):
-    """The launch behind :func:`chunk_outputs` and :func:`chunk_outputs_and_twin`:
-    ``(out, den, dots, out2)``, ``out2`` ``None`` without the twin's queries ``q2``."""
+    """The launch behind :func:`chunk_outputs` and :func:`chunk_outputs_and_twin`, for ``q, k
+    [BH, L, DK]``, ``v [BH, L, DV]`` and the twin's queries ``q2 [BH, L, DV]`` or ``None``:
+    ``(out [BH, L, DV], den [BH, L] or None, dots or None, out2 [BH, L, DK] or None)``."""
     if shifted_out is not None and (shift is None or shifted != "v"):
         raise ValueError("shifted_out needs the values' shift (shift, shifted='v')")
     if row_offset is not None and col_offset is not None:
@@ -373,6 +379,8 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
         raise ValueError("normalize needs with_den")
     if not (lower or upper):
         raise ValueError("chunk_outputs needs lower, upper or both")
+    if q2 is not None and persistent:
+        raise ValueError("the twin operator runs on one program per chunk, not on the persistent grid")
     starts = states.starts
     if starts is not None and (transposed_state or q2 is not None or row_offset is not None or col_offset is not None):
         raise ValueError("chunk_outputs adds a segmented walk's carries (states.starts) only to states read as "
@@ -402,7 +410,7 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
         ROW_OFFSET=row_offset is not None, COL_OFFSET=col_offset is not None, SPLIT=partner is not None,
         TRANSPOSED_STATE=transposed_state, SHIFT=0 if shift is None else ("q", "k", "v").index(shifted) + 1,
         SHIFTED=shifted_out is not None, TWIN=q2 is not None, CARRIES=starts is not None, DK=DK, DV=DV, BLOCK_DV=cfg["output_block_dv"],
-        BLOCK_DV2=min(DK, 64), PERSISTENT=persistent, LOOP_STAGES=cfg["output_loop_stages"],
+        BLOCK_DV2=launch_config(DV, DK, chunk_size)["output_block_dv"], PERSISTENT=persistent, LOOP_STAGES=cfg["output_loop_stages"],
         num_warps=cfg["output_warps"], num_stages=cfg["output_stages"], **_flags(q, g, chunk_size))
     return out, den, dots, out2
 

@@ -263,6 +263,7 @@ def chunk_output_kernel(
     # pipeliner issues the next chunk's loads while this chunk is computed (LOOP_STAGES
     # buffers in shared memory): latency that one program per chunk can only hide by having
     # other programs on the SM.
+    tl.static_assert(not (TWIN and PERSISTENT), "the twin operator runs on one program per chunk")
     if PERSISTENT:
         for t in tl.range(tl.program_id(0), N * BH, tl.num_programs(0), num_stages=LOOP_STAGES):
             _chunk_output(t % N, (t // N).to(tl.int64), BH,
@@ -287,5 +288,8 @@ def chunk_output_kernel(
             _chunk_output(n, bh, BH, q2_ptr, v_ptr, k_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr,
                           partner_ptr, out2_ptr, den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr,
                           start_ptr, start_z_ptr, gamma_ptr, L, N, seg_chunks, LOWER, UPPER, HAS_DECAY, SCALAR_DECAY,
-                          False, False, False, False, False, not TRANSPOSED_STATE, 0, False, False, CHUNK, DV, DK,
-                          BLOCK_DV2, PRECISION)
+                          False, False,  # WITH_DEN, NORMALIZE
+                          False, False, False,  # ROW_OFFSET, COL_OFFSET, SPLIT
+                          not TRANSPOSED_STATE,  # the states read the other way
+                          0, False, False,  # SHIFT, SHIFTED, CARRIES
+                          CHUNK, DV, DK, BLOCK_DV2, PRECISION)  # its keys are DV wide, its values DK
