@@ -56,6 +56,7 @@ def segment_carries_kernel(
     BLOCK_DV: tl.constexpr,  # value columns per step of the tile loop
     STARTS_ONLY: tl.constexpr,  # write C_p (and C_z) instead of adding them to the states (WITH_U, WITH_W: no)
 ):
+    tl.static_assert(not (STARTS_ONLY and (WITH_U or WITH_W)), "C_p is written with the key sums only")
     # ---- Which piece of work is ours: segment p of one (direction, sequence) walk ------------
     bh = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)

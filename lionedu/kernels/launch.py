@@ -382,9 +382,12 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
     if q2 is not None and persistent:
         raise ValueError("the twin operator runs on one program per chunk, not on the persistent grid")
     starts = states.starts
-    if starts is not None and (transposed_state or q2 is not None or row_offset is not None or col_offset is not None):
+    if starts is not None and (transposed_state or q2 is not None or row_offset is not None or col_offset is not None
+                               or persistent):
         raise ValueError("chunk_outputs adds a segmented walk's carries (states.starts) only to states read as "
-                         "stored, without offsets or a twin")
+                         "stored, on one program per chunk, without offsets or a twin")
+    if starts is not None and (starts.gamma is None) != (g is None):
+        raise ValueError("chunk_outputs needs the decays g that chunk_states walked with (states.starts)")
     BH, L, DK = q.shape
     DV = v.shape[-1]
     N = ceil_div(L, chunk_size)

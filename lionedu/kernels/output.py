@@ -264,6 +264,8 @@ def chunk_output_kernel(
     # buffers in shared memory): latency that one program per chunk can only hide by having
     # other programs on the SM.
     tl.static_assert(not (TWIN and PERSISTENT), "the twin operator runs on one program per chunk")
+    tl.static_assert(not (CARRIES and (TRANSPOSED_STATE or ROW_OFFSET or COL_OFFSET or TWIN)),
+                     "a segmented walk's carries are added to states read as stored, without offsets or a twin")
     if PERSISTENT:
         for t in tl.range(tl.program_id(0), N * BH, tl.num_programs(0), num_stages=LOOP_STAGES):
             _chunk_output(t % N, (t // N).to(tl.int64), BH,
