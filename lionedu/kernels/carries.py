@@ -23,7 +23,9 @@ states, worth it only where the walk, not memory, is the limit (the launch rule 
 :mod:`.launch` decides). A forward without gradients reads each state once, so there
 (``STARTS_ONLY``) the program only writes ``C_p`` and its key sums, and the output kernel adds
 ``exp(γ_n) C_p`` to the state it loads, in the same float32 operations (:mod:`.output`,
-``CARRIES``): the same numbers without that pass over the states.
+``CARRIES``): the same numbers without that pass over the states (the same bits under Triton's
+interpreter; compiled, each kernel may fuse the multiply-add its own way, so a state may round to
+the neighbouring number of its format).
 
 End record of a segment, float32, ``RECORD = DK*DV + DK + 2*DV + 1`` numbers:
 ``[E (DK x DV, row-major) | E_z (DK) | E_u (DV) | E_w (DV) | Γ]``.
