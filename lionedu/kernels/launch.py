@@ -25,8 +25,8 @@ _launch_carries = Launcher(segment_carries_kernel)
 _launch_output = Launcher(chunk_output_kernel)
 
 __all__ = ["States", "SegmentStarts", "padded_chunk_sums", "chunk_states", "chunk_outputs", "masked_operator",
-           "launch_config", "states_plan", "persistent_outputs", "twin_outputs", "chunk_outputs_and_twin", "float32_dot_precision",
-           "ceil_div", "next_power_of_2"]
+           "launch_config", "states_plan", "persistent_outputs", "twin_outputs", "chunk_outputs_and_twin",
+           "float32_dot_precision", "ceil_div", "next_power_of_2"]
 
 
 MIN_SEGMENT_CHUNKS = 8  # a walk is cut into segments of at least this many chunks (states_plan)
