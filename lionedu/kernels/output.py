@@ -50,10 +50,11 @@ def _segment_start(at, N, seg_chunks, gamma_ptr, HAS_DECAY: tl.constexpr):
 
 
 @triton.jit
-def _state_share(q, offset, read_scale, S_ptr, u_ptr, w_ptr, at, dk, dv, start_ptr, gamma_ptr, N, seg_chunks,
-                 DK: tl.constexpr, DV: tl.constexpr, ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,
-                 TRANSPOSED_STATE: tl.constexpr, HAS_DECAY: tl.constexpr, CARRIES: tl.constexpr,
-                 PRECISION: tl.constexpr):
+def _state_share(q, read_scale, S_ptr, at, dk, dv, N,
+                 DK: tl.constexpr, DV: tl.constexpr, HAS_DECAY: tl.constexpr, PRECISION: tl.constexpr,
+                 TRANSPOSED_STATE: tl.constexpr,
+                 offset, u_ptr, w_ptr, ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,
+                 start_ptr, gamma_ptr, seg_chunks, CARRIES: tl.constexpr):
     """One stored state's share of a chunk's output, ``read_scale_i (q_i^T S + a_i u + w)``,
     for the value columns ``dv``: ``[C, BLOCK_DV]`` float32. ``at`` indexes the state.
 
@@ -92,14 +93,17 @@ def _key_sums(z_ptr, at, dk, start_z_ptr, gamma_ptr, N, seg_chunks, DK: tl.const
 
 @triton.jit
 def _chunk_output(
-    n, bh, BH,  # chunk n of sequence bh (int64), of BH sequences
-    q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr, out_ptr, den_ptr,
-    dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, start_ptr, start_z_ptr, gamma_ptr, L, N, seg_chunks,
+    n, bh, BH, L, N,  # chunk n of sequence bh (int64), of BH sequences of L positions in N chunks
+    q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr, out_ptr,
     LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_DECAY: tl.constexpr, SCALAR_DECAY: tl.constexpr,
-    WITH_DEN: tl.constexpr, NORMALIZE: tl.constexpr, ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,
-    SPLIT: tl.constexpr, TRANSPOSED_STATE: tl.constexpr, SHIFT: tl.constexpr, SHIFTED: tl.constexpr,
-    CARRIES: tl.constexpr, CHUNK: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
+    TRANSPOSED_STATE: tl.constexpr = False,
+    # The optional parts, off unless asked for; a part's pointers are read only when it is on.
+    den_ptr=None, WITH_DEN: tl.constexpr = False, NORMALIZE: tl.constexpr = False,
+    offset_ptr=None, u_ptr=None, w_ptr=None, ROW_OFFSET: tl.constexpr = False, COL_OFFSET: tl.constexpr = False,
+    partner_ptr=None, dot_before_ptr=None, dot_after_ptr=None, SPLIT: tl.constexpr = False,
+    shift_ptr=None, SHIFT: tl.constexpr = 0, shifted_ptr=None, SHIFTED: tl.constexpr = False,
+    start_ptr=None, start_z_ptr=None, gamma_ptr=None, seg_chunks=1, CARRIES: tl.constexpr = False,
 ):
     """The output of chunk ``n`` of sequence ``bh``, all value columns, a tile of ``BLOCK_DV``
     at a time, so the ``C x C`` scores are computed once. Arguments: :func:`chunk_output_kernel`."""
@@ -185,13 +189,13 @@ def _chunk_output(
             out_before = tl.dot(scores_before.to(v.dtype), v, input_precision=PRECISION)
             out_after = tl.dot(scores_after.to(v.dtype), v, input_precision=PRECISION)
             if LOWER:
-                out_before += _state_share(q, offset, scale_before, S_ptr, u_ptr, w_ptr, at_before, dk, dv, start_ptr,
-                                           gamma_ptr, N, seg_chunks, DK, DV, ROW_OFFSET, COL_OFFSET,
-                                           TRANSPOSED_STATE, HAS_DECAY, CARRIES, PRECISION)
+                out_before += _state_share(q, scale_before, S_ptr, at_before, dk, dv, N, DK, DV, HAS_DECAY, PRECISION,
+                                           TRANSPOSED_STATE, offset, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
+                                           start_ptr, gamma_ptr, seg_chunks, CARRIES)
             if UPPER:
-                out_after += _state_share(q, offset, scale_after, S_ptr, u_ptr, w_ptr, at_after, dk, dv, start_ptr,
-                                          gamma_ptr, N, seg_chunks, DK, DV, ROW_OFFSET, COL_OFFSET,
-                                          TRANSPOSED_STATE, HAS_DECAY, CARRIES, PRECISION)
+                out_after += _state_share(q, scale_after, S_ptr, at_after, dk, dv, N, DK, DV, HAS_DECAY, PRECISION,
+                                          TRANSPOSED_STATE, offset, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
+                                          start_ptr, gamma_ptr, seg_chunks, CARRIES)
             out = out_before + out_after + diagonal[:, None] * v.to(tl.float32)
             p = tl.load(partner_ptr + out_at, mask=row_ok[:, None], other=0.0).to(tl.float32)
             dot_before += tl.sum(p * out_before, axis=1)
@@ -199,13 +203,13 @@ def _chunk_output(
         else:
             out = tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
             if LOWER:
-                out += _state_share(q, offset, scale_before, S_ptr, u_ptr, w_ptr, at_before, dk, dv, start_ptr, gamma_ptr,
-                                    N, seg_chunks, DK, DV, ROW_OFFSET, COL_OFFSET, TRANSPOSED_STATE, HAS_DECAY,
-                                    CARRIES, PRECISION)
+                out += _state_share(q, scale_before, S_ptr, at_before, dk, dv, N, DK, DV, HAS_DECAY, PRECISION,
+                                    TRANSPOSED_STATE, offset, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
+                                    start_ptr, gamma_ptr, seg_chunks, CARRIES)
             if UPPER:
-                out += _state_share(q, offset, scale_after, S_ptr, u_ptr, w_ptr, at_after, dk, dv, start_ptr, gamma_ptr,
-                                    N, seg_chunks, DK, DV, ROW_OFFSET, COL_OFFSET, TRANSPOSED_STATE, HAS_DECAY,
-                                    CARRIES, PRECISION)
+                out += _state_share(q, scale_after, S_ptr, at_after, dk, dv, N, DK, DV, HAS_DECAY, PRECISION,
+                                    TRANSPOSED_STATE, offset, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
+                                    start_ptr, gamma_ptr, seg_chunks, CARRIES)
         if NORMALIZE:
             out = out / den[:, None]
         tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -268,30 +272,25 @@ def chunk_output_kernel(
                      "a segmented walk's carries are added to states read as stored, without offsets or a twin")
     if PERSISTENT:
         for t in tl.range(tl.program_id(0), N * BH, tl.num_programs(0), num_stages=LOOP_STAGES):
-            _chunk_output(t % N, (t // N).to(tl.int64), BH,
-                          q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr, out_ptr,
-                          den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, start_ptr, start_z_ptr,
-                          gamma_ptr, L, N, seg_chunks, LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, WITH_DEN, NORMALIZE,
-                          ROW_OFFSET, COL_OFFSET, SPLIT, TRANSPOSED_STATE, SHIFT, SHIFTED, CARRIES, CHUNK, DK, DV,
-                          BLOCK_DV, PRECISION)
+            _chunk_output(t % N, (t // N).to(tl.int64), BH, L, N, q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr, out_ptr,
+                          LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, CHUNK, DK, DV, BLOCK_DV, PRECISION, TRANSPOSED_STATE,
+                          den_ptr, WITH_DEN, NORMALIZE, offset_ptr, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
+                          partner_ptr, dot_before_ptr, dot_after_ptr, SPLIT, shift_ptr, SHIFT, shifted_ptr, SHIFTED,
+                          start_ptr, start_z_ptr, gamma_ptr, seg_chunks, CARRIES)
     else:
         n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        _chunk_output(n, bh, BH, q_ptr, k_ptr, v_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr, partner_ptr,
-                      out_ptr, den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr, start_ptr, start_z_ptr,
-                      gamma_ptr, L, N, seg_chunks, LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, WITH_DEN, NORMALIZE,
-                      ROW_OFFSET, COL_OFFSET, SPLIT, TRANSPOSED_STATE, SHIFT, SHIFTED, CARRIES, CHUNK, DK, DV, BLOCK_DV,
-                      PRECISION)
+        _chunk_output(n, bh, BH, L, N, q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr, out_ptr,
+                      LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, CHUNK, DK, DV, BLOCK_DV, PRECISION, TRANSPOSED_STATE,
+                      den_ptr, WITH_DEN, NORMALIZE, offset_ptr, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
+                      partner_ptr, dot_before_ptr, dot_after_ptr, SPLIT, shift_ptr, SHIFT, shifted_ptr, SHIFTED,
+                      start_ptr, start_z_ptr, gamma_ptr, seg_chunks, CARRIES)
         if TWIN:
             # The states hold sum_j k_j v_j^T; read transposed, sum_j v_j k_j^T, they are the
             # states of the operator with keys v and values k, for any queries q2: the backward's
             # dV beside its dK (autograd.py). This chunk's v and k were just loaded, so their
-            # second load is served by the caches. Plain: no offset, normaliser, dots or shift.
+            # second load is served by the caches. Plain (the optional parts left off): no offset,
+            # normaliser, dots or shift; its keys are DV wide and its values DK.
             # (Not on the persistent grid: there the pair was slower than two launches; NOTES 1c.)
-            _chunk_output(n, bh, BH, q2_ptr, v_ptr, k_ptr, g_ptr, offset_ptr, S_ptr, z_ptr, u_ptr, w_ptr,
-                          partner_ptr, out2_ptr, den_ptr, dot_before_ptr, dot_after_ptr, shift_ptr, shifted_ptr,
-                          start_ptr, start_z_ptr, gamma_ptr, L, N, seg_chunks, LOWER, UPPER, HAS_DECAY, SCALAR_DECAY,
-                          False, False,  # WITH_DEN, NORMALIZE
-                          False, False, False,  # ROW_OFFSET, COL_OFFSET, SPLIT
-                          not TRANSPOSED_STATE,  # the states read the other way
-                          0, False, False,  # SHIFT, SHIFTED, CARRIES
-                          CHUNK, DV, DK, BLOCK_DV2, PRECISION)  # its keys are DV wide, its values DK
+            _chunk_output(n, bh, BH, L, N, q2_ptr, v_ptr, k_ptr, g_ptr, S_ptr, z_ptr, out2_ptr,
+                          LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, CHUNK, DV, DK, BLOCK_DV2, PRECISION,
+                          TRANSPOSED_STATE=not TRANSPOSED_STATE)
