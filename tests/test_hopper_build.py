@@ -42,6 +42,10 @@ from triton.compiler import ASTSource
 from lionedu.kernels.output import chunk_output_kernel
 from lionedu.kernels.states import chunk_states_kernel
 
+# the output kernel's integer arguments: sizes, the segments' length, its outputs' layouts (layout.py)
+OUTPUT_INTEGERS = ("L", "N", "BH", "seg_chunks", "H", "out_sb", "out_sh", "out_sl", "second_sb", "second_sh",
+                   "second_sl")
+
 def compile_for_gpu(kernel, consts, integers, pointers=None, capability=90, num_warps=4):
     names = [p.name for p in kernel.params]
     signature = {n: (pointers or {}).get(n, "*fp32") for n in names if n.endswith("_ptr")}
@@ -70,7 +74,7 @@ for name, flags in launches.items():
                   PRECISION="tf32",
                   PERSISTENT=True, LOOP_STAGES=stages)
     consts.update(flags)
-    kernel = compile_for_gpu(chunk_output_kernel, consts, ("L", "N", "BH", "seg_chunks"), pointers)
+    kernel = compile_for_gpu(chunk_output_kernel, consts, OUTPUT_INTEGERS, pointers)
     result[name] = dict(shared=kernel.metadata.shared,
                         async_copies=kernel.asm["ttgir"].count("async_copy_global_to_local"))
 print(json.dumps(result))
@@ -85,7 +89,7 @@ kernels = {  # the forward's two launches (lionedu/kernels/autograd.py), LION-S,
     "states": (chunk_states_kernel, ("L", "N", "stats_blocks", "seg_chunks"),
                dict(FIRST_DIRECTION=0, WITH_Z=True, WITH_U=False, WITH_W=False, SEGMENTED=False, BLOCK_DK=64,
                     BLOCK_DV=64, WEIGHTS_BY_PRODUCT=False, SHIFT_VALUES=True, **shift_constants(torch.float32))),
-    "output": (chunk_output_kernel, ("L", "N", "BH", "seg_chunks"),
+    "output": (chunk_output_kernel, OUTPUT_INTEGERS,
                dict(LOWER=True, UPPER=True, WITH_DEN=True, NORMALIZE=True, ROW_OFFSET=False, COL_OFFSET=False,
                     SPLIT=False, TRANSPOSED_STATE=False, SHIFT=3, SHIFTED=True, TWIN=False, CARRIES=False, BLOCK_DV=64,
                     BLOCK_DV2=64,

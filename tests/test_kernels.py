@@ -429,7 +429,7 @@ def test_which_forward_runs(monkeypatch):
 
     calls = []
     real = inference.inference_forward
-    monkeypatch.setattr(kernels, "inference_forward", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kernels, "inference_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     q = torch.rand(1, 2, 20, 4, device=DEVICE)
     ld = torch.full((2,), -0.3, device=DEVICE)
 

@@ -131,7 +131,7 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     elif gradients:
         y = ChunkwiseAttention.apply(q, k, v, log_decay, causal, normalize, chunk_size, least)
     else:  # no autograd graph: the forward alone, without the backward's preparations (.inference)
-        y = inference_forward(q, k, v, log_decay, causal, normalize, chunk_size, least)
+        y = inference_forward(q, k, v, log_decay, causal, normalize, chunk_size, least, layout_of_v=True)
     # The decay values are checked once the kernels are queued, so the device works while
     # the host waits for the check; on bad values the result is discarded.
     if check_values:

@@ -73,6 +73,12 @@ def _flatten(t, least: int):
     return t.reshape(B * H, L, p).contiguous()
 
 
+def _rows(t):
+    """A ``[B, H, L, W]`` output as the launchers take it: the flat ``[BH, L, W]`` view where it is
+    contiguous, else the tensor itself (:mod:`.layout`)."""
+    return t.view(-1, *t.shape[2:]) if t.is_contiguous() else t
+
+
 def _unflatten(t, B: int, H: int, d: int):
     """``[B*H, L, p] -> [B, H, L, d]``: the inverse of :func:`_flatten` (a view)."""
     t = t.view(B, H, t.shape[1], t.shape[2])
@@ -108,8 +114,22 @@ def chunk_log_decay_sums(log_decay, B: int, H: int, L: int, chunk_size: int):
     return padded_chunk_sums(log_decay.reshape(B * H, L), chunk_size)
 
 
-def attention_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_size: int, least: int):
-    """``(y, saved)``: the output ``[B, H, L, Dv]`` (a tensor of its own) and :class:`Saved`."""
+def output_like(v: torch.Tensor, width: int) -> torch.Tensor:
+    """A new tensor for an output shaped like ``v [B, H, L, Dv]`` and in its layout where the kernels
+    can write that layout (``width == Dv``, no padding, and ``v`` dense with last stride 1, such as
+    the transposed view of ``[B, L, H, Dv]`` an attention layer splits its heads with: :mod:`.layout`);
+    else a contiguous ``[B, H, L, width]``."""
+    if width == v.shape[-1]:
+        y = torch.empty_like(v)  # v's strides if v is dense, else contiguous
+        if y.stride(-1) == 1:
+            return y
+    return v.new_empty(*v.shape[:3], width)
+
+
+def attention_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_size: int, least: int,
+                      layout_of_v: bool = False):
+    """``(y, saved)``: the output ``[B, H, L, Dv]`` (a tensor of its own) and :class:`Saved`.
+    ``layout_of_v``: ``y`` in ``v``'s layout where it can be (:func:`output_like`), else contiguous."""
     B, H, L, D = q.shape
     Dv = v.shape[-1]
     q_, k_, v_ = (_flatten(t, least) for t in (q, k, v))  # [BH, L, D'], [BH, L, D'], [BH, L, Dv']
@@ -121,12 +141,13 @@ def attention_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_s
     states = chunk_states(k_, v_, g, with_z=normalize, value_stats=stats, shift_out=shift, **opts)
     # The output is written straight into a [B, H, L, Dv'] tensor: an autograd.Function must not
     # return a view of something it made (autograd forbids in-place changes to those).
-    y = torch.empty(B, H, L, v_.shape[-1], device=v.device, dtype=v.dtype)
-    # Normalised, the kernel writes the centred output (saved) and, shifted back, the caller's.
-    y_out = y if shift is None else torch.empty_like(y)
+    p = v_.shape[-1]
+    y_out = output_like(v, p) if layout_of_v else v.new_empty(B, H, L, p)
+    # Normalised, the kernel writes the centred output (saved, contiguous) and, shifted back, the
+    # caller's; unnormalised, the caller's is the only one.
+    y = y_out if shift is None else v.new_empty(B, H, L, p)
     _, den, _ = chunk_outputs(q_, k_, v_, g, states, with_den=normalize, normalize=normalize,
-                              out=y.view(B * H, L, -1), shift=shift,
-                              shifted_out=None if shift is None else y_out.view(B * H, L, -1), **opts)
+                              out=_rows(y), shift=shift, shifted_out=None if shift is None else _rows(y_out), **opts)
     # y itself is saved, not a view of it: a view made here (no grad mode) would turn a caller's
     # in-place change of the output into an obscure error instead of autograd's version check.
     # (Normalised, the saved y is the centred output, not the caller's, which is then free to change.)
@@ -135,17 +156,24 @@ def attention_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_s
 
 
 def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, normalize: bool, chunk_size: int,
-                       least: int, want_decay: bool):
+                       least: int, want_decay: bool, dv_strides=None):
     """``(dq, dk, dv, d_log_decay)`` for the output gradient ``dy [B, H, L, Dv]``; ``shape`` is
     ``(B, H, D, Dv)``, ``decay_dtype`` the dtype of the caller's ``log_decay`` (``None`` for
-    LIT); ``d_log_decay`` (shaped like ``log_decay``) is ``None`` unless ``want_decay``."""
+    LIT); ``d_log_decay`` (shaped like ``log_decay``) is ``None`` unless ``want_decay``.
+    ``dv_strides``: the strides of a dense ``[B, H, L, Dv]`` layout, last stride 1, to write
+    ``dv`` in (the values' own, :mod:`.layout`), else ``dv`` is contiguous."""
     q, k, v, g, y, den, S, z, shift = saved
     B, H, D, Dv = shape
-    dy = _flatten(dy.to(v.dtype), least)
-    if normalize:
-        dn, dc = normaliser_gradient(dy, y.view(dy.shape), den)  # dN = dY / c, dc = -(dY . Y) / c
+    L, p = v.shape[1], v.shape[-1]
+    dy = dy.to(v.dtype)
+    if normalize and p == Dv and dy.stride(-1) == 1:
+        # the normaliser's gradient reads dy in the caller's layout, and writes dN flat
+        dn, dc = normaliser_gradient(dy, y.view(B * H, L, p), den)  # dN = dY / c, dc = -(dY . Y) / c
+    elif normalize:
+        dy = _flatten(dy, least)
+        dn, dc = normaliser_gradient(dy, y.view(dy.shape), den)
     else:
-        dn, dc = dy, None
+        dn, dc = _flatten(dy, least), None
     want_decay = want_decay and g is not None
     # Keys before the query (forward), after it (backward): for dQ as for attention;
     # dK and dV see the transposed mask, so in the causal case they take the keys after.
@@ -159,6 +187,9 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
     dq, _, r = chunk_outputs(dn, v, k, g, States(S, u=z), row_offset=dc, transposed_state=True,
                              partner=q if want_decay else None, persistent=persistent, shift=shift, shifted="k",
                              **plain)
+    # dV is written in the values' layout where asked (and not padded), so it needs no copy.
+    dv_out = torch.empty_strided((B, H, L, Dv), dv_strides, dtype=v.dtype, device=v.device) \
+        if dv_strides is not None and p == Dv else None
     # dK = A(V, dN, Q) + column offset dc (V centred likewise): one new pass of states (keys dN,
     # values Q) ...
     states = chunk_states(dn, q, g, col_offset=dc, **flipped)
@@ -171,11 +202,11 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
     # ... which dV = A(K, Q, dN) reads transposed: in dK's launch where that was measured faster.
     dk_options = dict(col_offset=dc, partner=k if want_decay else None, shift=shift_dk, **flipped)
     if twin_outputs(v.dtype, k.shape[-1], v.shape[-1], chunk_size, g is not None):
-        dk, c, dv = chunk_outputs_and_twin(v_dk, dn, q, g, states, k, **dk_options)
+        dk, c, dv = chunk_outputs_and_twin(v_dk, dn, q, g, states, k, out2=dv_out, **dk_options)
     else:
         dk, _, c = chunk_outputs(v_dk, dn, q, g, states, persistent=persistent, shifted="q", **dk_options)
         dv, _, _ = chunk_outputs(k, q, dn, g, States(states.S), transposed_state=True, persistent=persistent,
-                                 **flipped)
+                                 out=dv_out, **flipped)
 
     d_log_decay = None
     if want_decay:
@@ -187,7 +218,8 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
         else:
             d_log_decay = decay_gradient(r_before, r_after, c_before, c_after).view(B, H, -1)
         d_log_decay = d_log_decay.to(decay_dtype)
-    return _unflatten(dq, B, H, D), _unflatten(dk, B, H, D), _unflatten(dv, B, H, Dv), d_log_decay
+    dv = dv_out if dv_out is not None else _unflatten(dv, B, H, Dv)
+    return _unflatten(dq, B, H, D), _unflatten(dk, B, H, D), dv, d_log_decay
 
 
 class ChunkwiseAttention(torch.autograd.Function):
@@ -199,8 +231,11 @@ class ChunkwiseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, log_decay, causal: bool, normalize: bool, chunk_size: int, least: int):
-        y, saved = attention_forward(q, k, v, log_decay, causal, normalize, chunk_size, least)
+        # The output in v's layout where it can be, and dv in it too: an attention layer's heads
+        # are transposed views, which then need no copy either way (layout.py).
+        y, saved = attention_forward(q, k, v, log_decay, causal, normalize, chunk_size, least, layout_of_v=True)
         ctx.save_for_backward(*saved)
+        ctx.dv_strides = y.stride()  # y is a dense tensor of its own (used where dv is not padded)
         ctx.options = dict(causal=causal, normalize=normalize, chunk_size=chunk_size, least=least)
         ctx.shape = (*q.shape[:2], q.shape[-1], v.shape[-1])
         ctx.decay_dtype = None if log_decay is None else log_decay.dtype
@@ -210,5 +245,5 @@ class ChunkwiseAttention(torch.autograd.Function):
     def backward(ctx, dy):
         dq, dk, dv, d_log_decay = attention_backward(
             dy, Saved(*ctx.saved_tensors), ctx.shape, ctx.decay_dtype, want_decay=ctx.needs_input_grad[3],
-            **ctx.options)
+            dv_strides=ctx.dv_strides, **ctx.options)
         return dq, dk, dv, d_log_decay, None, None, None, None

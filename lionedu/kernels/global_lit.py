@@ -23,6 +23,7 @@ import triton.language as tl
 from .fast_launch import Launcher
 from . import launch
 from .launch import ceil_div, float32_dot_precision
+from .layout import check_rows, row_offsets, row_strides
 
 __all__ = ["lit_forward"]
 
@@ -69,8 +70,8 @@ def lit_sums_kernel(
 def lit_output_kernel(
     q_ptr,  # queries [BH, L, DK], contiguous
     S_ptr, z_ptr,  # the sums S [BH, DK, DV] and z [BH, DK], float32
-    out_ptr,  # out: y [BH, L, DV] in q's dtype
-    L,
+    out_ptr,  # out: y [BH, L, DV] in q's dtype, in the layout of H, out_sb, out_sh, out_sl (layout.py)
+    L, H, out_sb, out_sh, out_sl,
     DK: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, ROWS: tl.constexpr, STEPS: tl.constexpr,
     NORMALIZE: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -90,8 +91,8 @@ def lit_output_kernel(
         if NORMALIZE:
             den = tl.sum(q.to(tl.float32) * z[None, :], axis=1)  # q_i . z, float32
             out = out / tl.where(ok, den, 1.0)[:, None]
-        tl.store(out_ptr + (bh * L + rows[:, None]) * DV + dv[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=ok[:, None])
+        out_rows = row_offsets(bh, rows, H, out_sb, out_sh, out_sl)
+        tl.store(out_ptr + out_rows[:, None] + dv[None, :], out.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
 _launch_sums = Launcher(lit_sums_kernel)
@@ -101,7 +102,8 @@ _launch_output = Launcher(lit_output_kernel)
 def lit_forward(q, k, v, normalize: bool, out=None):
     """LIT's bidirectional attention ``y [BH, L, DV]`` (``v``'s dtype) for ``q, k [BH, L, DK]``
     and ``v [BH, L, DV]``: one dtype, contiguous, ``DK`` and ``DV`` powers of two >= 16.
-    ``out``: a contiguous ``[BH, L, DV]`` tensor to write into, or ``None`` for a new one."""
+    ``out``: where to write, ``[BH, L, DV]`` contiguous or ``[B, H, L, DV]`` with last stride 1
+    (:mod:`.layout`), or ``None`` for a new one."""
     BH, L, DK = q.shape
     DV = v.shape[-1]
     block_dk, block_dv = min(DK, TILE), min(DV, TILE)
@@ -122,7 +124,9 @@ def lit_forward(q, k, v, normalize: bool, out=None):
     z = z_parts.sum(1) if normalize else S
     if out is None:
         out = torch.empty(BH, L, DV, device=v.device, dtype=v.dtype)
+    check_rows(out, "out", BH, L, DV, v.dtype, v.device)
+    H = out.shape[1] if out.dim() == 4 else 1
     grid = (ceil_div(L, ROWS * OUT_STEPS), BH, DV // block_dv)
-    _launch_output(grid, q, S, z, out, L, DK=DK, DV=DV, BLOCK_DV=block_dv, ROWS=ROWS, STEPS=OUT_STEPS,
+    _launch_output(grid, q, S, z, out, L, H, *row_strides(out, H), DK=DK, DV=DV, BLOCK_DV=block_dv, ROWS=ROWS, STEPS=OUT_STEPS,
                    NORMALIZE=normalize, PRECISION=precision, num_warps=4, num_stages=1)
     return out

@@ -28,31 +28,33 @@ from __future__ import annotations
 
 import torch
 
-from .autograd import _flatten, attention_forward, chunk_log_decay_sums
+from .autograd import _flatten, _rows, attention_forward, chunk_log_decay_sums, output_like
 from .global_lit import lit_forward
 from .launch import masked_operator
 
 __all__ = ["inference_forward"]
 
 
-def inference_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_size: int, least: int):
-    """``y [B, H, L, Dv]`` (a contiguous tensor of its own, ``v``'s dtype) for ``q, k [B, H, L, D]``,
-    ``v [B, H, L, Dv]`` and ``log_decay`` (``None``, ``[H]`` or ``[B, H, L]``); the arguments as for
-    :class:`.autograd.ChunkwiseAttention`. Builds no autograd graph."""
+def inference_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_size: int, least: int,
+                      layout_of_v: bool = False):
+    """``y [B, H, L, Dv]`` (a tensor of its own, ``v``'s dtype: contiguous, or with ``layout_of_v``
+    in ``v``'s layout where the kernels can write it, :func:`.autograd.output_like`) for
+    ``q, k [B, H, L, D]``, ``v [B, H, L, Dv]`` and ``log_decay`` (``None``, ``[H]`` or ``[B, H, L]``);
+    the arguments as for :class:`.autograd.ChunkwiseAttention`. Builds no autograd graph."""
     if normalize and v.dtype == torch.float16:  # float16's range needs the centring (module docstring)
-        return attention_forward(q, k, v, log_decay, causal, normalize, chunk_size, least)[0]
+        return attention_forward(q, k, v, log_decay, causal, normalize, chunk_size, least, layout_of_v)[0]
     B, H, L, _ = q.shape
     Dv = v.shape[-1]
     q_, k_, v_ = (_flatten(t, least) for t in (q, k, v))  # [BH, L, D'], [BH, L, D'], [BH, L, Dv']
     # The output is written straight into a [B, H, L, Dv'] tensor, not returned as a view of the
     # kernels' [BH, L, Dv'] one: a view made under no_grad could not be changed in place later with
     # grad mode on.
-    y = torch.empty(B, H, L, v_.shape[-1], device=v.device, dtype=v.dtype)
+    y = output_like(v, v_.shape[-1]) if layout_of_v else v.new_empty(B, H, L, v_.shape[-1])
     if log_decay is None and not causal:  # LIT, bidirectional: every position sees the same sums
-        lit_forward(q_, k_, v_, normalize, out=y.view(B * H, L, -1))
+        lit_forward(q_, k_, v_, normalize, out=_rows(y))
     else:
         g = chunk_log_decay_sums(log_decay, B, H, L, chunk_size)
         # Each state is read once, so a walk in segments leaves its carries to the output kernel.
         masked_operator(q_, k_, v_, g, lower=True, upper=not causal, chunk_size=chunk_size, normalize=normalize,
-                        with_den=normalize, out=y.view(B * H, L, -1), fold_carries=True)
+                        with_den=normalize, out=_rows(y), fold_carries=True)
     return y if y.shape[-1] == Dv else y[..., :Dv].clone()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from .carries import end_record_size, segment_carries_kernel
 from .centring import shift_constants
 from .fast_launch import Launcher
+from .layout import check_rows, row_strides
 from .output import chunk_output_kernel
 from .states import chunk_states_kernel
 
@@ -314,8 +315,9 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
     ``q, k: [BH, L, DK]``, ``v: [BH, L, DV]``; ``states`` from :func:`chunk_states` for the
     same ``lower`` / ``upper`` (``S`` as ``[.., DK, DV]``, or as ``[.., DV, DK]`` with
     ``transposed_state``; ``z`` with ``with_den``, ``u`` with ``row_offset``, ``w`` with
-    ``col_offset``). ``out``: where to write the result (a contiguous ``[BH, L, DV]`` tensor
-    in ``v``'s dtype), or ``None`` for a new one. ``persistent``: launch a few programs per
+    ``col_offset``). ``out``: where to write the result (in ``v``'s dtype, a contiguous
+    ``[BH, L, DV]`` tensor or a ``[B, H, L, DV]`` one with ``B * H = BH`` and last stride 1, such
+    as a transposed view of ``[B, L, H, DV]``: :mod:`.layout`), or ``None`` for a new one. ``persistent``: launch a few programs per
     multiprocessor that loop over the chunks (:mod:`.output`) instead of one per chunk; the
     same sums. ``shift``: the values' shift ``m`` float32, ``[BH, width]`` of the input named by
     ``shifted`` (``"q"``, ``"k"`` or ``"v"``), which the kernel centres as it loads it
@@ -332,7 +334,7 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
 
 
 def chunk_outputs_and_twin(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_size: int,
-                           col_offset=None, partner=None, transposed_state: bool = False, shift=None):
+                           col_offset=None, partner=None, transposed_state: bool = False, shift=None, out2=None):
     """:func:`chunk_outputs`, and in the same launch its *twin*: the plain operator with queries
     ``q2 [BH, L, DV]``, keys ``v`` and values ``k``, ``out2_i = sum_j M_ij (q2_i . v_j) k_j``.
 
@@ -346,7 +348,8 @@ def chunk_outputs_and_twin(q, k, v, g, states: States, q2, *, lower: bool, upper
     (results/NOTES.md, 1c).
 
     Returns ``(out, dots, out2)``: ``out`` and ``dots`` as :func:`chunk_outputs` returns them,
-    ``out2 [BH, L, DK]`` in ``k``'s dtype.
+    ``out2 [BH, L, DK]`` in ``k``'s dtype: written where ``out2`` says (a tensor laid out as
+    :func:`chunk_outputs`'s ``out`` may be), or a new one.
     """
     BH, L = q.shape[:2]
     DV = v.shape[-1]
@@ -360,17 +363,18 @@ def chunk_outputs_and_twin(q, k, v, g, states: States, q2, *, lower: bool, upper
                          f"{q2.dtype} on {q2.device}{'' if q2.is_contiguous() else ', not contiguous'}")
     out, _, dots, out2 = _outputs(q, k, v, g, states, q2, lower=lower, upper=upper, chunk_size=chunk_size,
                                   col_offset=col_offset, partner=partner, transposed_state=transposed_state,
-                                  shift=shift, shifted="q")
+                                  shift=shift, shifted="q", out2=out2)
     return out, dots, out2
 
 
 def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_size: int,
              normalize: bool = False, with_den: bool = False, row_offset=None, col_offset=None,
              partner=None, transposed_state: bool = False, out=None, persistent: bool = False,
-             shift=None, shifted: str = "v", shifted_out=None):
+             shift=None, shifted: str = "v", shifted_out=None, out2=None):
     """The launch behind :func:`chunk_outputs` and :func:`chunk_outputs_and_twin`, for ``q, k
     [BH, L, DK]``, ``v [BH, L, DV]`` and the twin's queries ``q2 [BH, L, DV]`` or ``None``:
-    ``(out [BH, L, DV], den [BH, L] or None, dots or None, out2 [BH, L, DK] or None)``."""
+    ``(out [BH, L, DV], den [BH, L] or None, dots or None, out2 [BH, L, DK] or None)``, ``out`` and
+    ``out2`` in the layouts they were given in (:mod:`.layout`)."""
     if shifted_out is not None and (shift is None or shifted != "v"):
         raise ValueError("shifted_out needs the values' shift (shift, shifted='v')")
     if row_offset is not None and col_offset is not None:
@@ -396,9 +400,18 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
     offset = row_offset if row_offset is not None else col_offset
     if out is None:
         out = torch.empty(BH, L, DV, device=q.device, dtype=v.dtype)
+    check_rows(out, "out", BH, L, DV, v.dtype, q.device)
+    if shifted_out is not None:
+        check_rows(shifted_out, "shifted_out", BH, L, DV, v.dtype, q.device)
+    if out2 is not None and q2 is None:
+        raise ValueError("out2 is the twin's output: it needs q2")
+    if q2 is not None:
+        out2 = torch.empty(BH, L, DK, device=q.device, dtype=k.dtype) if out2 is None else out2
+        check_rows(out2, "out2", BH, L, DK, k.dtype, q.device)
+    second = shifted_out if shifted_out is not None else out2  # never both: SHIFTED centres v, the twin q
+    H = _heads(out, second)
     den = torch.empty(BH, L, **f32) if with_den else None
     dots = (torch.empty(BH, L, **f32), torch.empty(BH, L, **f32)) if partner is not None else None
-    out2 = None if q2 is None else torch.empty(BH, L, DK, device=q.device, dtype=k.dtype)
     if persistent:  # a few programs per multiprocessor, each looping over chunks
         grid = (min(N * BH, cfg["output_programs_per_sm"] * _multiprocessors(q.device)),)
     else:  # one program per chunk
@@ -408,7 +421,8 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
         _or_dummy(partner, q), out, _or_dummy(den, q), *(dots if dots is not None else (q, q)),
         _or_dummy(shift, q), _or_dummy(shifted_out, q), _or_dummy(q2, q), _or_dummy(out2, q),
         *((starts.C, _or_dummy(starts.z, q), _or_dummy(starts.gamma, q)) if starts is not None else (q, q, q)), L, N, BH,
-        1 if starts is None else starts.seg_chunks,
+        1 if starts is None else starts.seg_chunks, H, *row_strides(out, H),
+        *(row_strides(second, H) if second is not None else (0, 0, 0)),
         LOWER=lower, UPPER=upper, WITH_DEN=with_den, NORMALIZE=normalize,
         ROW_OFFSET=row_offset is not None, COL_OFFSET=col_offset is not None, SPLIT=partner is not None,
         TRANSPOSED_STATE=transposed_state, SHIFT=0 if shift is None else ("q", "k", "v").index(shifted) + 1,
@@ -416,6 +430,14 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
         BLOCK_DV2=launch_config(DV, DK, chunk_size)["output_block_dv"], PERSISTENT=persistent, LOOP_STAGES=cfg["output_loop_stages"],
         num_warps=cfg["output_warps"], num_stages=cfg["output_stages"], **_flags(q, g, chunk_size))
     return out, den, dots, out2
+
+
+def _heads(*outputs) -> int:
+    """The ``H`` of the outputs given as ``[B, H, L, W]`` (1 if none is): they must agree."""
+    heads = {t.shape[1] for t in outputs if t is not None and t.dim() == 4}
+    if len(heads) > 1:
+        raise ValueError(f"the outputs given as [B, H, L, W] must have the same H, got {sorted(heads)}")
+    return heads.pop() if heads else 1
 
 
 def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, normalize: bool = False,

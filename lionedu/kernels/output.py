@@ -24,6 +24,11 @@ offset, ``q_i . k_j + a_i`` (``ROW_OFFSET``) or ``q_i . k_j + b_j`` (``COL_OFFSE
 ``SPLIT`` the kernel also returns, for a ``partner`` tensor ``P``, the row dots
 ``P_i . (keys before i)`` and ``P_i . (keys after i)``: the decay gradient is built from them.
 
+The inputs are flat contiguous ``[BH, L, .]`` tensors. The outputs may also lie in the caller's
+own ``[B, H, L, .]`` layout (:mod:`.layout`): ``out``, and the second output (``shifted``, or the
+twin's ``out2``), each with its strides, so that an attention layer gets its output, and the
+values their gradient, without a copy.
+
 The chunks are independent, so the grid is free: one program per chunk, or (``PERSISTENT``)
 a few programs per multiprocessor that each loop over many chunks, which lets Triton's
 pipeliner load the next chunk while this one is computed. The backward pass uses the second
@@ -36,6 +41,7 @@ import triton.language as tl
 
 from .centring import shifted_rows
 from .decays import chunk_log_decays
+from .layout import row_offsets
 
 
 @triton.jit
@@ -95,6 +101,7 @@ def _key_sums(z_ptr, at, dk, start_z_ptr, gamma_ptr, N, seg_chunks, DK: tl.const
 def _chunk_output(
     n, bh, BH, L, N,  # chunk n of sequence bh (int64), of BH sequences of L positions in N chunks
     q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr, out_ptr,
+    H, out_sb, out_sh, out_sl,  # out's layout: its rows as layout.row_offsets finds them
     LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_DECAY: tl.constexpr, SCALAR_DECAY: tl.constexpr,
     CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr,
     TRANSPOSED_STATE: tl.constexpr = False,
@@ -102,7 +109,8 @@ def _chunk_output(
     den_ptr=None, WITH_DEN: tl.constexpr = False, NORMALIZE: tl.constexpr = False,
     offset_ptr=None, u_ptr=None, w_ptr=None, ROW_OFFSET: tl.constexpr = False, COL_OFFSET: tl.constexpr = False,
     partner_ptr=None, dot_before_ptr=None, dot_after_ptr=None, SPLIT: tl.constexpr = False,
-    shift_ptr=None, SHIFT: tl.constexpr = 0, shifted_ptr=None, SHIFTED: tl.constexpr = False,
+    shift_ptr=None, SHIFT: tl.constexpr = 0, shifted_ptr=None, shifted_sb=0, shifted_sh=0, shifted_sl=0,
+    SHIFTED: tl.constexpr = False,
     start_ptr=None, start_z_ptr=None, gamma_ptr=None, seg_chunks=1, CARRIES: tl.constexpr = False,
 ):
     """The output of chunk ``n`` of sequence ``bh``, all value columns, a tile of ``BLOCK_DV``
@@ -174,6 +182,10 @@ def _chunk_output(
         dot_after = tl.zeros([CHUNK], dtype=tl.float32)
 
     # ---- One tile of value columns at a time --------------------------------------------------
+    # The inputs are flat [BH, L, .] tensors; the outputs may lie in the caller's layout (layout.py).
+    out_rows = row_offsets(bh, rows, H, out_sb, out_sh, out_sl)
+    if SHIFTED:
+        shifted_rows_at = row_offsets(bh, rows, H, shifted_sb, shifted_sh, shifted_sl)
     for tile in range(0, DV // BLOCK_DV):
         dv = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
         out_at = (bh * L + rows[:, None]) * DV + dv[None, :]
@@ -212,10 +224,10 @@ def _chunk_output(
                                     start_ptr, gamma_ptr, seg_chunks, CARRIES)
         if NORMALIZE:
             out = out / den[:, None]
-        tl.store(out_ptr + out_at, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(out_ptr + out_rows[:, None] + dv[None, :], out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         if SHIFTED:  # the caller's output: the shift added in float32, then rounded once
-            tl.store(shifted_ptr + out_at, (out + shift[None, :]).to(shifted_ptr.dtype.element_ty),
-                     mask=row_ok[:, None])
+            tl.store(shifted_ptr + shifted_rows_at[:, None] + dv[None, :],
+                     (out + shift[None, :]).to(shifted_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     if SPLIT:
         tl.store(dot_before_ptr + bh * L + rows, dot_before, mask=row_ok)
@@ -229,17 +241,19 @@ def chunk_output_kernel(
     offset_ptr,  # score offsets a_i or b_j [BH, L] float32 (ROW_OFFSET / COL_OFFSET)
     S_ptr, z_ptr, u_ptr, w_ptr,  # from chunk_states_kernel: [slots, BH, N, ...]
     partner_ptr,  # P [BH, L, DV] (SPLIT only)
-    out_ptr,  # out [BH, L, DV] in v's dtype
+    out_ptr,  # out [BH, L, DV] in v's dtype (or another layout: out_sb, ...)
     den_ptr,  # normaliser [BH, L] float32 (WITH_DEN)
     dot_before_ptr, dot_after_ptr,  # out: the partner row dots [BH, L] float32 (SPLIT)
     shift_ptr,  # the values' shift m [BH, width of the input it shifts] float32 (SHIFT)
-    shifted_ptr,  # out: out + m [BH, L, DV] in v's dtype (SHIFTED)
+    shifted_ptr,  # out: out + m [BH, L, DV] in v's dtype, in the second output's layout (SHIFTED)
     q2_ptr,  # TWIN: the second operator's queries [BH, L, DV] (its keys are v, its values k)
-    out2_ptr,  # TWIN: its output [BH, L, DK] in k's dtype
+    out2_ptr,  # TWIN: its output [BH, L, DK] in k's dtype, in the second output's layout
     start_ptr, start_z_ptr,  # CARRIES: each segment's C_p [slots, BH, P, DK, DV] and key sums [.., DK], float32
     gamma_ptr,  # CARRIES with decays: each state's log decay from its segment's edge [slots, BH, N] float32
     L, N, BH,  # sequence length, chunks per sequence, sequences
     seg_chunks,  # CARRIES: chunks per segment of the walk that made the states
+    H, out_sb, out_sh, out_sl,  # out's layout (layout.py): [BH, L, DV] contiguous, or the caller's [B, H, L, DV]
+    second_sb, second_sh, second_sl,  # the same for the second output: shifted (SHIFTED) or out2 (TWIN)
     LOWER: tl.constexpr,  # keys j < i count (forward state in slot 0)
     UPPER: tl.constexpr,  # keys j > i count (backward state in the next slot)
     HAS_DECAY: tl.constexpr,  # False for LIT: no exponentials
@@ -273,16 +287,20 @@ def chunk_output_kernel(
     if PERSISTENT:
         for t in tl.range(tl.program_id(0), N * BH, tl.num_programs(0), num_stages=LOOP_STAGES):
             _chunk_output(t % N, (t // N).to(tl.int64), BH, L, N, q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr, out_ptr,
+                          H, out_sb, out_sh, out_sl,
                           LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, CHUNK, DK, DV, BLOCK_DV, PRECISION, TRANSPOSED_STATE,
                           den_ptr, WITH_DEN, NORMALIZE, offset_ptr, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
-                          partner_ptr, dot_before_ptr, dot_after_ptr, SPLIT, shift_ptr, SHIFT, shifted_ptr, SHIFTED,
+                          partner_ptr, dot_before_ptr, dot_after_ptr, SPLIT, shift_ptr, SHIFT,
+                          shifted_ptr, second_sb, second_sh, second_sl, SHIFTED,
                           start_ptr, start_z_ptr, gamma_ptr, seg_chunks, CARRIES)
     else:
         n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         _chunk_output(n, bh, BH, L, N, q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr, out_ptr,
+                      H, out_sb, out_sh, out_sl,
                       LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, CHUNK, DK, DV, BLOCK_DV, PRECISION, TRANSPOSED_STATE,
                       den_ptr, WITH_DEN, NORMALIZE, offset_ptr, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
-                      partner_ptr, dot_before_ptr, dot_after_ptr, SPLIT, shift_ptr, SHIFT, shifted_ptr, SHIFTED,
+                      partner_ptr, dot_before_ptr, dot_after_ptr, SPLIT, shift_ptr, SHIFT,
+                      shifted_ptr, second_sb, second_sh, second_sl, SHIFTED,
                       start_ptr, start_z_ptr, gamma_ptr, seg_chunks, CARRIES)
         if TWIN:
             # The states hold sum_j k_j v_j^T; read transposed, sum_j v_j k_j^T, they are the
@@ -292,5 +310,6 @@ def chunk_output_kernel(
             # normaliser, dots or shift; its keys are DV wide and its values DK.
             # (Not on the persistent grid: there the pair was slower than two launches; NOTES 1c.)
             _chunk_output(n, bh, BH, L, N, q2_ptr, v_ptr, k_ptr, g_ptr, S_ptr, z_ptr, out2_ptr,
+                          H, second_sb, second_sh, second_sl,
                           LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, CHUNK, DV, DK, BLOCK_DV2, PRECISION,
                           TRANSPOSED_STATE=not TRANSPOSED_STATE)

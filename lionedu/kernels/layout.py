@@ -1,0 +1,52 @@
+"""Where a row of a caller's tensor lies: the layouts the kernels write their results in.
+
+The kernels number their sequences ``bh = b * H + h`` and, inside, work on flat contiguous
+``[BH, L, W]`` tensors, where row ``l`` of sequence ``bh`` starts at ``(bh * L + l) * W``. The heads
+of an attention layer are another layout: :class:`lionedu.nn.LionAttention` splits its projections'
+``[B, L, H * W]`` output into heads with a transpose, so its ``[B, H, L, W]`` values are a view
+whose row ``(b, h, l)`` starts at ``b * L * H * W + l * H * W + h * W``, which is not a function of
+``bh`` alone. Copying such a tensor into the flat layout, and copying results back, costs a pass
+over memory each way (results/NOTES.md, "LION in a model").
+
+So the tensors that go back to the caller (the output, and the gradient of the values) can be any
+``[B, H, L, W]`` whose last stride is 1, described by three strides, and row ``l`` of sequence
+``bh`` starts at ``(bh // H) s_b + (bh % H) s_h + l s_l``. A flat ``[BH, L, W]`` tensor is the
+case ``s_b = H L W``, ``s_h = L W``, ``s_l = W``, for any ``H``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["row_offsets", "row_strides", "check_rows"]
+
+
+@triton.jit
+def row_offsets(bh, rows, H, s_b, s_h, s_l):
+    """Element offsets of rows ``rows`` (a vector) of sequence ``bh`` in a tensor with strides
+    ``s_b, s_h, s_l`` (module docstring); int64, so that large tensors do not overflow."""
+    return (bh // H) * s_b + (bh % H) * s_h + rows.to(tl.int64) * s_l
+
+
+def row_strides(t: torch.Tensor, H: int) -> tuple:
+    """``(s_b, s_h, s_l)`` of ``t``: ``[B, H, L, W]`` with last stride 1, or ``[BH, L, W]``
+    contiguous (seen as ``B = BH / H`` blocks of ``H`` sequences)."""
+    if t.dim() == 4:
+        return t.stride(0), t.stride(1), t.stride(2)
+    _, L, W = t.shape
+    return H * L * W, L * W, W
+
+
+def check_rows(t, name: str, BH: int, L: int, W: int, dtype: torch.dtype, device: torch.device):
+    """Raise a ``ValueError`` unless ``t`` is a tensor the kernels can read or write row by row
+    for ``BH`` sequences of ``L`` rows of width ``W``: ``[BH, L, W]`` contiguous, or
+    ``[B, H, L, W]`` with ``B * H = BH`` and last stride 1; of ``dtype`` on ``device``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    four = t.dim() == 4 and t.shape[0] * t.shape[1] == BH and tuple(t.shape[2:]) == (L, W) and t.stride(-1) == 1
+    flat = tuple(t.shape) == (BH, L, W) and t.is_contiguous()
+    if not (four or flat) or t.dtype != dtype or t.device != device:
+        raise ValueError(f"{name} must be a contiguous [BH, L, W] = {[BH, L, W]} tensor or a [B, H, L, W] one with "
+                         f"B * H = {BH} and last stride 1, of dtype {dtype} on {device}; got {list(t.shape)} with "
+                         f"strides {list(t.stride())}, {t.dtype} on {t.device}")
