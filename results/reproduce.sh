@@ -15,7 +15,8 @@
 # 9. float32 inputs, lionedu's kernels and SDPA, CUDA-graph replays (float32 tiles on tensor cores: v9);
 # 10. LION-S against SDPA on both its 16-bit backends, flash (the reference) and cuDNN (PyTorch's own
 #     choice on Hopper, faster), CUDA-graph replays; 11. results/model_step.py: an encoder's training step
-#     with LION-S (fused feature maps, and PyTorch's) against softmax attention; 12. flash-linear-attention (below).
+#     with LION-S (fused feature maps, and PyTorch's) against softmax attention, and results/block_profile.py: one
+#     block's step kernel by kernel; 12. flash-linear-attention (below).
 set -uo pipefail
 out=${1:-results}
 mkdir -p "$out"
@@ -51,6 +52,7 @@ python3 -m lionedu.bench --dtype fp32 --variants s,lit --impls lionedu-triton,sd
 python3 -m lionedu.bench --variants s --causal both --impls lionedu-triton,sdpa,sdpa-cudnn --cuda-graph \
   --json "$out/bench-$tag-cudnn-graph.json" --plot "$out/bench-$tag-cudnn-graph.png" 2>&1 | tee "$out/bench-$tag-cudnn-graph.log"
 python3 results/model_step.py 2>&1 | tee "$out/model-step-$tag.log"
+python3 results/block_profile.py 2>&1 | tee "$out/block-profile-$tag.log"
 # 12. flash-linear-attention's causal chunk kernels composed into a bidirectional layer (bench's fla), where it is
 #     installed (pip install fla-core==0.6.0; its rows say "not installed" otherwise): checked against float64, then
 #     timed; fla 0.6.0 refuses its gated backward with Triton < 3.7.1 on Hopper, which the rows record.
