@@ -9,21 +9,16 @@ SDPA). For each kernel: launches per step, mean GPU time per launch and GPU time
 where the LION block's GPU time goes besides its attention kernels. results/NOTES.md ("LION in a
 model") quotes its output.
 """
-import datetime
 import sys
 
 import torch
-import triton
 
-import lionedu
-from model_step import encoder, training_step  # results/ (this script's folder is on sys.path)
+from model_step import encoder, run_header, training_step  # results/ (this script's folder is on sys.path)
 from profile_kernels import kernel_times
 
 
 def main(lengths):
-    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"lionedu {lionedu.__version__}, {date}", flush=True)
+    print(run_header(), flush=True)
     for L in lengths:
         x = torch.randn(4, L, 1024, device="cuda", dtype=torch.bfloat16)
         for mixer in ("lion", "softmax"):

@@ -68,10 +68,15 @@ def gpu_ms_per_step(step):
     return sum(n * us for n, us in kernel_times(step).values()) / 1e3
 
 
-def main(lengths):
+def run_header() -> str:
+    """The device, the library versions and the date: a log's first line."""
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
-          f"lionedu {lionedu.__version__}, {date}", flush=True)
+    return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+            f"lionedu {lionedu.__version__}, {date}")
+
+
+def main(lengths):
+    print(run_header(), flush=True)
     for L in lengths:
         x = torch.randn(4, L, 1024, device="cuda", dtype=torch.bfloat16)
         for mixer in MIXERS:
