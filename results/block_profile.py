@@ -26,7 +26,7 @@ def main(lengths):
             total = sum(n * us for n, us in times.values())
             print(f"L={L} {mixer}: {total:.1f} us of GPU time per step", flush=True)
             for name, (n, us) in sorted(times.items(), key=lambda kv: -kv[1][0] * kv[1][1]):
-                print(f"  {n:5.1f} x {us:8.1f} us = {n * us:8.1f} us  {name[:100]}")
+                print(f"  {n:5.1f} x {us:8.1f} us = {n * us:8.1f} us  {name[:110]}")
 
 
 if __name__ == "__main__":

@@ -31,39 +31,44 @@ def _heads(B, L, H, D, gen, offset=0.0):
 
 @settings(max_examples=8, deadline=None)
 @given(B=st.integers(1, 2), H=st.integers(1, 3), L=st.integers(1, 70), padded=st.booleans(),
-       variant=st.sampled_from(["lit", "d", "s"]), causal=st.booleans(), normalize=st.booleans(),
-       seed=st.integers(0, 2**31 - 1))
-def test_heads_in_the_callers_layout_give_the_same_numbers(B, H, L, padded, variant, causal, normalize, seed):
-    """Transposed views in, the output and dv in their layout out (where the head dim needs no
+       wide_values=st.booleans(), variant=st.sampled_from(["lit", "d", "s"]), causal=st.booleans(),
+       normalize=st.booleans(), half=st.sampled_from([torch.bfloat16, torch.float16]), seed=st.integers(0, 2**31 - 1))
+def test_heads_in_the_callers_layout_give_the_same_numbers(B, H, L, padded, wide_values, variant, causal, normalize,
+                                                           half, seed):
+    """Transposed views in, the output and dv in their layout out (where the value width needs no
     padding; a padded ``Dv`` keeps contiguous results), training and no-grad forwards, every
-    gradient: equal to the same call on contiguous copies."""
+    gradient, ``Dv != D`` drawn, both 16-bit dtypes on a GPU (normalised float16's forward alone is
+    the training forward): equal to the same call on contiguous copies."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    dtype = half if DEVICE == "cuda" else DTYPE
     D = WIDTH - 3 if padded else WIDTH  # D != a power of two: zero-padded by the kernels
-    q, k = (_heads(B, L, H, D, gen, 0.05) for _ in range(2))
-    v = _heads(B, L, H, D, gen, -0.5)
+    Dv = 2 * D if wide_values else D
+    q, k = (_heads(B, L, H, D, gen, 0.05).to(dtype) for _ in range(2))
+    v = _heads(B, L, H, Dv, gen, -0.5).to(dtype)
     ld = {"lit": None, "d": -0.2 * torch.rand(H, generator=gen, device=DEVICE) - 1e-3,
           "s": -torch.rand(B, H, L, generator=gen, device=DEVICE)}[variant]
-    dy = torch.randn(B, L, H, D, generator=gen, device=DEVICE).to(DTYPE).transpose(1, 2)
+    dy = torch.randn(B, L, H, Dv, generator=gen, device=DEVICE).to(dtype).transpose(1, 2)
     opts = dict(causal=causal, normalize=normalize, chunk_size=16)
     strided = [t.detach().clone().requires_grad_() for t in (q, k, v)]  # clone keeps the strides
     flat = [t.detach().contiguous().requires_grad_() for t in (q, k, v)]
     decays = [None if ld is None else ld.clone().requires_grad_() for _ in range(2)]
     y = kernels.chunkwise(*strided, decays[0], **opts)
     y_flat = kernels.chunkwise(*flat, decays[1], **opts)
-    y.backward(dy)
-    y_flat.backward(dy.contiguous())
+    # torch.autograd.grad returns the gradients as the Function made them (a leaf's .grad would be
+    # laid out like the leaf whatever the Function returned)
+    grads = torch.autograd.grad(y, strided + decays[:1] if ld is not None else strided, dy)
+    grads_flat = torch.autograd.grad(y_flat, flat + decays[1:] if ld is not None else flat, dy.contiguous())
     with torch.no_grad():
         alone = kernels.chunkwise(*strided, ld, **opts)
         alone_flat = kernels.chunkwise(*flat, ld, **opts)
     assert strided[2].stride() == v.stride() and (v.is_contiguous() == (H == 1 or L == 1))
-    if padded:  # the kernels' outputs are wider than D: the results are contiguous copies
+    if padded:  # the kernels' outputs are wider than Dv: the results are contiguous copies
         assert y.is_contiguous() and alone.is_contiguous()
     else:
-        assert y.stride() == alone.stride() == strided[2].grad.stride() == v.stride()
+        assert y.stride() == alone.stride() == grads[2].stride() == v.stride()
     assert torch.equal(y, y_flat) and torch.equal(alone, alone_flat)
-    for a, b in zip(strided + decays[:1], flat + decays[1:]):
-        if a is not None:
-            assert torch.equal(a.grad, b.grad)
+    for a, b in zip(grads, grads_flat):
+        assert torch.equal(a, b)
 
 
 class _Copies(TorchDispatchMode):
@@ -136,7 +141,8 @@ def test_outputs_in_any_layout_of_their_shape():
 
 def test_outputs_in_a_layout_the_kernels_cannot_write_are_refused():
     """Wrong shapes, a last stride that is not 1, a dtype that is not v's, outputs that disagree
-    on H and an out2 without a twin: ValueError naming the argument, before any launch."""
+    on H, an output whose elements overlap, a twin and a shifted output in one launch, and an out2
+    without a twin: ValueError naming the argument, before any launch."""
     q, k, v = _flat_inputs()
     opts = dict(lower=True, upper=True, chunk_size=16)
     states = launch.chunk_states(k, v, None, with_z=True, **opts)
@@ -156,6 +162,11 @@ def test_outputs_in_a_layout_the_kernels_cannot_write_are_refused():
         launch.chunk_outputs(q, k, v, None, states, shift=torch.zeros(3, 16, device=DEVICE), with_den=True,
                              normalize=True, out=torch.empty(1, 3, 20, 16, **like),
                              shifted_out=torch.empty(3, 1, 20, 16, **like), **opts)
+    with pytest.raises(ValueError, match="must not overlap"):  # two heads' rows at one address
+        launch.chunk_outputs(q, k, v, None, states, out=torch.empty(1, 1, 20, 16, **like).expand(3, 1, 20, 16), **opts)
+    with pytest.raises(ValueError, match="cannot be asked of one launch"):
+        launch._outputs(q, k, v, None, states, v, shift=torch.zeros(3, 16, device=DEVICE), shifted="v",
+                        shifted_out=torch.empty(3, 20, 16, **like), **opts)
     with pytest.raises(ValueError, match="out2"):
         launch.chunk_outputs_and_twin(q, k, v, None, states, v, out2=torch.empty(3, 20, 16, device=DEVICE,
                                                                                    dtype=torch.float64), **opts)

@@ -92,7 +92,11 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
 
     ``q, k: [B, H, L, D]``, ``v: [B, H, L, Dv]`` (float32, bfloat16 or float16; D, Dv <= 256),
     ``log_decay``: ``None``, ``[H]`` or ``[B, H, L]``, finite and ``<= 0``.
-    ``chunk_size`` is one of 16, 32, 64, 128. Returns ``[B, H, L, Dv]`` in ``v``'s dtype.
+    ``chunk_size`` is one of 16, 32, 64, 128. Returns ``[B, H, L, Dv]`` in ``v``'s dtype, laid out
+    like ``v`` where the kernels can write that (a dense ``v`` with last stride 1 and a ``Dv`` they
+    need not pad: a power of two, at least 64 on a GPU; such as an attention layer's transposed heads: no copy to or
+    from the projections' ``[B, L, H, Dv]``; :mod:`.layout`), else contiguous; ``v``'s gradient
+    likewise. Under ``torch.compile`` the result is contiguous.
     Accumulation is float32; float32 inputs keep float32 accuracy in the dot products (on
     GPUs with TF32 tensor cores as three TF32 products each, ``launch.float32_dot_precision``).
     Gradients flow to q, k, v and log_decay (for a ``[H]`` decay, summed over batch and

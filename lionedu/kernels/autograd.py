@@ -120,7 +120,7 @@ def output_like(v: torch.Tensor, width: int) -> torch.Tensor:
     the transposed view of ``[B, L, H, Dv]`` an attention layer splits its heads with: :mod:`.layout`);
     else a contiguous ``[B, H, L, width]``."""
     if width == v.shape[-1]:
-        y = torch.empty_like(v)  # v's strides if v is dense, else contiguous
+        y = torch.empty_like(v)  # dense, in v's order of dimensions (v's strides where v is dense itself)
         if y.stride(-1) == 1:
             return y
     return v.new_empty(*v.shape[:3], width)

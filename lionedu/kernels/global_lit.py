@@ -124,7 +124,7 @@ def lit_forward(q, k, v, normalize: bool, out=None):
     z = z_parts.sum(1) if normalize else S
     if out is None:
         out = torch.empty(BH, L, DV, device=v.device, dtype=v.dtype)
-    check_rows(out, "out", BH, L, DV, v.dtype, v.device)
+    check_rows(out, "out", BH, L, DV, v.dtype, v.device, output=True)
     H = out.shape[1] if out.dim() == 4 else 1
     grid = (ceil_div(L, ROWS * OUT_STEPS), BH, DV // block_dv)
     _launch_output(grid, q, S, z, out, L, H, *row_strides(out, H), DK=DK, DV=DV, BLOCK_DV=block_dv, ROWS=ROWS, STEPS=OUT_STEPS,

@@ -400,14 +400,16 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
     offset = row_offset if row_offset is not None else col_offset
     if out is None:
         out = torch.empty(BH, L, DV, device=q.device, dtype=v.dtype)
-    check_rows(out, "out", BH, L, DV, v.dtype, q.device)
+    check_rows(out, "out", BH, L, DV, v.dtype, q.device, output=True)
     if shifted_out is not None:
-        check_rows(shifted_out, "shifted_out", BH, L, DV, v.dtype, q.device)
+        check_rows(shifted_out, "shifted_out", BH, L, DV, v.dtype, q.device, output=True)
     if out2 is not None and q2 is None:
         raise ValueError("out2 is the twin's output: it needs q2")
+    if q2 is not None and shifted_out is not None:  # the two share the kernel's second layout
+        raise ValueError("the twin (q2) and shifted_out cannot be asked of one launch")
     if q2 is not None:
         out2 = torch.empty(BH, L, DK, device=q.device, dtype=k.dtype) if out2 is None else out2
-        check_rows(out2, "out2", BH, L, DK, k.dtype, q.device)
+        check_rows(out2, "out2", BH, L, DK, k.dtype, q.device, output=True)
     second = shifted_out if shifted_out is not None else out2  # never both: SHIFTED centres v, the twin q
     H = _heads(out, second)
     den = torch.empty(BH, L, **f32) if with_den else None

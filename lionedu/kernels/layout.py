@@ -38,10 +38,24 @@ def row_strides(t: torch.Tensor, H: int) -> tuple:
     return H * L * W, L * W, W
 
 
-def check_rows(t, name: str, BH: int, L: int, W: int, dtype: torch.dtype, device: torch.device):
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether two indices of ``t`` may share an element (a broadcast dimension, or strides that
+    interleave): the dimensions of size above 1, by increasing stride, must each step past the
+    whole extent of the ones before."""
+    extent = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if stride < extent:
+            return True
+        extent = stride * size
+    return False
+
+
+def check_rows(t, name: str, BH: int, L: int, W: int, dtype: torch.dtype, device: torch.device,
+               output: bool = False):
     """Raise a ``ValueError`` unless ``t`` is a tensor the kernels can read or write row by row
     for ``BH`` sequences of ``L`` rows of width ``W``: ``[BH, L, W]`` contiguous, or
-    ``[B, H, L, W]`` with ``B * H = BH`` and last stride 1; of ``dtype`` on ``device``."""
+    ``[B, H, L, W]`` with ``B * H = BH`` and last stride 1; of ``dtype`` on ``device``. An
+    ``output`` must not overlap itself (two programs would store to one element)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     four = t.dim() == 4 and t.shape[0] * t.shape[1] == BH and tuple(t.shape[2:]) == (L, W) and t.stride(-1) == 1
@@ -50,3 +64,6 @@ def check_rows(t, name: str, BH: int, L: int, W: int, dtype: torch.dtype, device
         raise ValueError(f"{name} must be a contiguous [BH, L, W] = {[BH, L, W]} tensor or a [B, H, L, W] one with "
                          f"B * H = {BH} and last stride 1, of dtype {dtype} on {device}; got {list(t.shape)} with "
                          f"strides {list(t.stride())}, {t.dtype} on {t.device}")
+    if output and _overlaps(t):
+        raise ValueError(f"{name} is written by the kernels, so its elements must not overlap; got strides "
+                         f"{list(t.stride())} for shape {list(t.shape)}")
