@@ -75,7 +75,9 @@ def _flatten(t, least: int):
 
 def _rows(t):
     """A ``[B, H, L, W]`` output as the launchers take it: the flat ``[BH, L, W]`` view where it is
-    contiguous, else the tensor itself (:mod:`.layout`)."""
+    contiguous, else the tensor itself (:mod:`.layout`). Either is written right; the flat view
+    passes ``H = 1``, which Triton specialises, so a contiguous output's addresses need no
+    division by ``H``."""
     return t.view(-1, *t.shape[2:]) if t.is_contiguous() else t
 
 

@@ -23,7 +23,7 @@ import triton.language as tl
 from .fast_launch import Launcher
 from . import launch
 from .launch import ceil_div, float32_dot_precision
-from .layout import check_rows, row_offsets, row_strides
+from .layout import check_rows, heads, row_offsets, row_strides
 
 __all__ = ["lit_forward"]
 
@@ -125,7 +125,7 @@ def lit_forward(q, k, v, normalize: bool, out=None):
     if out is None:
         out = torch.empty(BH, L, DV, device=v.device, dtype=v.dtype)
     check_rows(out, "out", BH, L, DV, v.dtype, v.device, output=True)
-    H = out.shape[1] if out.dim() == 4 else 1
+    H = heads(out)
     grid = (ceil_div(L, ROWS * OUT_STEPS), BH, DV // block_dv)
     _launch_output(grid, q, S, z, out, L, H, *row_strides(out, H), DK=DK, DV=DV, BLOCK_DV=block_dv, ROWS=ROWS, STEPS=OUT_STEPS,
                    NORMALIZE=normalize, PRECISION=precision, num_warps=4, num_stages=1)

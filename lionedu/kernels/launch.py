@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .carries import end_record_size, segment_carries_kernel
 from .centring import shift_constants
 from .fast_launch import Launcher
-from .layout import check_rows, row_strides
+from .layout import check_rows, heads, row_strides
 from .output import chunk_output_kernel
 from .states import chunk_states_kernel
 
@@ -411,7 +411,7 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
         out2 = torch.empty(BH, L, DK, device=q.device, dtype=k.dtype) if out2 is None else out2
         check_rows(out2, "out2", BH, L, DK, k.dtype, q.device, output=True)
     second = shifted_out if shifted_out is not None else out2  # never both: SHIFTED centres v, the twin q
-    H = _heads(out, second)
+    H = heads(out, second)
     den = torch.empty(BH, L, **f32) if with_den else None
     dots = (torch.empty(BH, L, **f32), torch.empty(BH, L, **f32)) if partner is not None else None
     if persistent:  # a few programs per multiprocessor, each looping over chunks
@@ -432,14 +432,6 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
         BLOCK_DV2=launch_config(DV, DK, chunk_size)["output_block_dv"], PERSISTENT=persistent, LOOP_STAGES=cfg["output_loop_stages"],
         num_warps=cfg["output_warps"], num_stages=cfg["output_stages"], **_flags(q, g, chunk_size))
     return out, den, dots, out2
-
-
-def _heads(*outputs) -> int:
-    """The ``H`` of the outputs given as ``[B, H, L, W]`` (1 if none is): they must agree."""
-    heads = {t.shape[1] for t in outputs if t is not None and t.dim() == 4}
-    if len(heads) > 1:
-        raise ValueError(f"the outputs given as [B, H, L, W] must have the same H, got {sorted(heads)}")
-    return heads.pop() if heads else 1
 
 
 def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, normalize: bool = False,

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["row_offsets", "row_strides", "check_rows"]
+__all__ = ["row_offsets", "row_strides", "check_rows", "heads"]
 
 
 @triton.jit
@@ -36,6 +36,15 @@ def row_strides(t: torch.Tensor, H: int) -> tuple:
         return t.stride(0), t.stride(1), t.stride(2)
     _, L, W = t.shape
     return H * L * W, L * W, W
+
+
+def heads(*tensors) -> int:
+    """The ``H`` of the tensors given as ``[B, H, L, W]`` (``None`` and flat ones skipped; 1 if
+    none is): they must agree, since one kernel argument describes them all."""
+    found = {t.shape[1] for t in tensors if t is not None and t.dim() == 4}
+    if len(found) > 1:
+        raise ValueError(f"the outputs given as [B, H, L, W] must have the same H, got {sorted(found)}")
+    return found.pop() if found else 1
 
 
 def _overlaps(t: torch.Tensor) -> bool:

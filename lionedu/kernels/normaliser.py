@@ -17,7 +17,7 @@ import triton.language as tl
 
 from .fast_launch import Launcher
 from .launch import ceil_div
-from .layout import check_rows, row_offsets, row_strides
+from .layout import check_rows, heads, row_offsets, row_strides
 
 __all__ = ["normaliser_gradient"]
 
@@ -57,7 +57,7 @@ def normaliser_gradient(dy: torch.Tensor, y: torch.Tensor, den: torch.Tensor):
     ``den: [BH, L]`` float32 -> ``dN [BH, L, DV]`` in ``y``'s dtype and ``dc [BH, L]`` float32."""
     BH, L, DV = y.shape
     check_rows(dy, "dy", BH, L, DV, y.dtype, y.device)
-    H = dy.shape[1] if dy.dim() == 4 else 1
+    H = heads(dy)
     dn = torch.empty_like(y)
     dc = torch.empty(BH, L, device=y.device, dtype=torch.float32)
     _launch((ceil_div(BH * L, ROWS),), dy, y, den, dn, dc, BH * L, L, H, *row_strides(dy, H), DV=DV, ROWS=ROWS,
