@@ -863,23 +863,26 @@ def test_walks_in_segments_wide_heads(monkeypatch):
 
 
 @pytest.mark.parametrize("Dv", [64, 12])
-def test_output_is_a_tensor_of_its_own(Dv):
+@pytest.mark.parametrize("normalize", [True, False])
+def test_output_is_a_tensor_of_its_own(Dv, normalize):
     """The output is no view of a buffer inside the Function, so it can be changed in place
-    (autograd forbids that for views made inside a custom Function); one graph node."""
+    (autograd forbids that for views made inside a custom Function), and the Function did not save
+    it, so the backward still runs afterwards; one graph node."""
     q = torch.rand(2, 3, 21, 8, device=DEVICE, requires_grad=True)
     k, v = torch.rand(2, 3, 21, 8, device=DEVICE), torch.randn(2, 3, 21, Dv, device=DEVICE)
     ld = torch.full((3,), -0.2, device=DEVICE, requires_grad=True)
-    out = kernels.chunkwise(q, k, v, ld, chunk_size=16)
+    out = kernels.chunkwise(q, k, v, ld, chunk_size=16, normalize=normalize)
     assert out._base is None and out.is_contiguous() and out.shape == (2, 3, 21, Dv)
     assert type(out.grad_fn).__name__ == "ChunkwiseAttentionBackward"
+    assert all(t.data_ptr() != out.data_ptr() for t in out.grad_fn.saved_tensors if t is not None)
     expected = out.detach().clone() + 1
     out.add_(1)
     assert torch.equal(out.detach(), expected)
-    # The backward needs the output (normalised), but the one it saved is its own centred copy
-    # (kernels/centring.py), so the gradient is that of the unchanged output.
+    # Normalised, the backward reads its own centred copy of the output (kernels/centring.py);
+    # unnormalised, no output at all: either way the gradient is that of the unchanged output.
     out.sum().backward()
     changed_grad, q.grad = q.grad, None
-    kernels.chunkwise(q, k, v, ld, chunk_size=16).sum().backward()
+    kernels.chunkwise(q, k, v, ld, chunk_size=16, normalize=normalize).sum().backward()
     assert torch.equal(changed_grad, q.grad)
 
 

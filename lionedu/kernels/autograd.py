@@ -90,8 +90,8 @@ def _unflatten(t, B: int, H: int, d: int):
 class Saved(NamedTuple):
     """What the backward pass needs from the forward: the flattened, padded inputs
     ``q, k [BH, L, D']``, ``v [BH, L, Dv']``, the chunk sums of the log decays ``g`` (``None``
-    for LIT), the padded output ``y [B, H, L, Dv']`` (zero past ``Dv``; the centred output
-    ``y - m`` when normalised), the normaliser
+    for LIT), the centred output ``y - m [B, H, L, Dv']`` (zero past ``Dv``; ``None`` unnormalised,
+    whose backward does not read the output), the normaliser
     ``den [BH, L]`` and the forward's states ``S`` and key sums ``z`` (:class:`.launch.States`;
     ``den`` and ``z`` are ``None`` unnormalised) and the values' shift ``m [BH, Dv']`` float32
     (``None`` unnormalised)."""
@@ -99,7 +99,7 @@ class Saved(NamedTuple):
     k: torch.Tensor
     v: torch.Tensor
     g: Optional[torch.Tensor]
-    y: torch.Tensor
+    y: Optional[torch.Tensor]
     den: Optional[torch.Tensor]
     S: torch.Tensor
     z: Optional[torch.Tensor]
@@ -150,10 +150,10 @@ def attention_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_s
     y = y_out if shift is None else v.new_empty(B, H, L, p)
     _, den, _ = chunk_outputs(q_, k_, v_, g, states, with_den=normalize, normalize=normalize,
                               out=_rows(y), shift=shift, shifted_out=None if shift is None else _rows(y_out), **opts)
-    # y itself is saved, not a view of it: a view made here (no grad mode) would turn a caller's
-    # in-place change of the output into an obscure error instead of autograd's version check.
-    # (Normalised, the saved y is the centred output, not the caller's, which is then free to change.)
-    saved = Saved(q_, k_, v_, g, y, den, states.S, states.z, shift)
+    # Normalised, the backward reads the centred output, saved whole (a view made here, in no grad mode,
+    # would turn an in-place change into an obscure error). Unnormalised it reads no output, so none is
+    # saved, and the caller's output is free to change in place.
+    saved = Saved(q_, k_, v_, g, None if shift is None else y, den, states.S, states.z, shift)
     return (y_out if y_out.shape[-1] == Dv else y_out[..., :Dv].clone()), saved
 
 

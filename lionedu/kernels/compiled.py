@@ -77,11 +77,9 @@ def _backward(dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
               den: torch.Tensor, S: torch.Tensor, z: torch.Tensor, shift: torch.Tensor,
               decay_dtype: Optional[torch.dtype], causal: bool, normalize: bool, chunk_size: int, least: int,
               want_decay: bool) -> List[torch.Tensor]:
-    """``y``: the caller's output, or (normalised) the centred ``yc [B, H, L, Dv']`` that the
-    forward returned, with its ``shift``."""
-    # [B, H, L, Dv'], zero past Dv
-    y_padded = _flatten(y, least).view(*y.shape[:3], -1) if shift.numel() == 0 else y
-    saved = Saved(*(_flatten(t, least) for t in (q, k, v)), _or_none(g), y_padded, _or_none(den), S, _or_none(z),
+    """``y``: (normalised) the centred ``yc [B, H, L, Dv']`` that the forward returned, with its
+    ``shift``; unnormalised, an empty tensor (the backward reads no output)."""
+    saved = Saved(*(_flatten(t, least) for t in (q, k, v)), _or_none(g), _or_none(y), _or_none(den), S, _or_none(z),
                   _or_none(shift))
     shape = (*q.shape[:2], q.shape[-1], v.shape[-1])
     grads = attention_backward(dy, saved, shape, decay_dtype, causal, normalize, chunk_size, least, want_decay)
@@ -106,7 +104,7 @@ def _(dy, q, k, v, g, y, den, S, z, shift, decay_dtype, causal, normalize, chunk
 def _setup_context(ctx, inputs, output):
     q, k, v, log_decay, causal, normalize, chunk_size, least = inputs
     y, g, den, S, z, yc, shift = output
-    ctx.save_for_backward(q, k, v, g, y if shift.numel() == 0 else yc, den, S, z, shift)  # centred: its output
+    ctx.save_for_backward(q, k, v, g, yc, den, S, z, shift)  # the centred output (empty unnormalised)
     ctx.options = dict(decay_dtype=None if log_decay is None else log_decay.dtype, causal=causal,
                        normalize=normalize, chunk_size=chunk_size, least=least)
 
