@@ -43,8 +43,19 @@ def _initial_decays(num_heads: int) -> torch.Tensor:
 class _MultiHeadMixer(nn.Module):
     """Shared part of both attention layers: q/k/v/output projections and head reshaping.
 
-    Subclasses implement ``_mix(q, k, v, x, key_mask, form)`` on ``[B, H, L, D]`` heads.
+    Subclasses implement ``_mix(q, k, v, x, key_mask, form, extra)`` on ``[B, H, L, D]`` heads
+    (``extra``: see :meth:`_input_projections`).
+
+    ``fused_projections``: on CUDA inputs (the default, ``None``) the input projections run as
+    one matrix product with their weights concatenated, ``[q | k | v | extra] = x [W_q; W_k; W_v;
+    ...]^T + b``, and the heads are views of its output: one product, one bias gradient and no
+    sum of three input gradients in the backward pass, where separate layers make three of each
+    (results/NOTES.md, "LION in a model"). The parameters are the same ``nn.Linear`` layers either
+    way; only rounding differs. ``True`` or ``False`` forces it (a CPU keeps the separate layers by
+    default, so that results computed on one stay bit for bit what they were).
     """
+
+    fused_projections: bool | None = None
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -61,9 +72,25 @@ class _MultiHeadMixer(nn.Module):
         self.out_proj = nn.Linear(dim, dim)
 
     def _split(self, t: torch.Tensor) -> torch.Tensor:
-        """``[B, L, dim] -> [B, H, L, dim / H]``."""
+        """``[B, L, dim] -> [B, H, L, dim / H]`` (a view; ``t``'s last stride must be 1)."""
         B, L, _ = t.shape
         return t.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def _input_projections(self) -> list:
+        """The ``nn.Linear`` layers applied to the input: q, k, v, then any a subclass adds, whose
+        outputs ``[B, L, out_features]`` reach ``_mix`` as the list ``extra``."""
+        return [self.q_proj, self.k_proj, self.v_proj]
+
+    def _project(self, x: torch.Tensor) -> list:
+        """The outputs of :meth:`_input_projections` for ``x [B, L, dim]``, each ``[B, L, out]``:
+        of one product with the weights concatenated where projections are fused, else of each layer."""
+        layers = self._input_projections()
+        fused = x.is_cuda if self.fused_projections is None else self.fused_projections
+        if not fused:
+            return [layer(x) for layer in layers]
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = torch.cat([layer.bias for layer in layers])
+        return list(F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1))
 
     def forward(self, x: torch.Tensor, form: str | None = None, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``x: [B, L, dim] -> [B, L, dim]``.
@@ -76,8 +103,8 @@ class _MultiHeadMixer(nn.Module):
             raise ValueError(f"x must have shape [B, L, dim] = [B, L, {self.dim}], got {list(x.shape)}")
         if key_mask is not None and tuple(key_mask.shape) != tuple(x.shape[:2]):
             raise ValueError(f"key_mask must have shape [B, L] = {list(x.shape[:2])}, got {list(key_mask.shape)}")
-        q, k, v = (self._split(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = self._mix(q, k, v, x, key_mask, form)  # [B, H, L, D]
+        q, k, v, *extra = self._project(x)
+        y = self._mix(self._split(q), self._split(k), self._split(v), x, key_mask, form, extra)  # [B, H, L, D]
         return self.out_proj(y.transpose(1, 2).reshape(x.shape))
 
 
@@ -144,15 +171,23 @@ class LionAttention(_MultiHeadMixer):
         return (f"dim={self.dim}, num_heads={self.num_heads}, variant={self.variant!r}, impl={self.impl!r}, "
                 f"chunk_size={self.chunk_size}, causal={self.causal}, orders={n}")
 
-    def log_decay(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The decays for input ``x: [B, L, dim]``: ``None`` (lit), ``[H]`` (d) or ``[B, H, L]`` (s)."""
+    def _input_projections(self) -> list:
+        """q, k, v and, for LION-S, the gate (fused with them into one product on a GPU)."""
+        return super()._input_projections() + ([self.gate] if self.variant == "s" else [])
+
+    def log_decay(self, x: torch.Tensor, gate_logits: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The decays for input ``x: [B, L, dim]``: ``None`` (lit), ``[H]`` (d) or ``[B, H, L]`` (s).
+        ``gate_logits``: LION-S's ``w_h . x_i + b_h`` as ``[B, L, H]``, where already computed (the
+        fused projection's last columns); the same function of ``x`` up to rounding."""
         if self.variant == "d":
             return fixed_log_decay(self.decay_logit)
         if self.variant == "s":
+            if gate_logits is not None:
+                return F.logsigmoid(gate_logits).transpose(1, 2)
             return selective_log_decay(x, self.gate.weight, self.gate.bias)
         return None
 
-    def _mix(self, q, k, v, x, key_mask, form):
+    def _mix(self, q, k, v, x, key_mask, form, extra):
         form = self.impl if form is None else form
         if form not in FORMS:
             raise ValueError(f"form must be one of {', '.join(map(repr, FORMS))}; got {form!r}")
@@ -164,7 +199,7 @@ class LionAttention(_MultiHeadMixer):
 
             phi = fused_feature_map(phi) or phi
         q, k = phi(q), phi(k)
-        log_decay = self.log_decay(x)
+        log_decay = self.log_decay(x, *extra)
         if key_mask is not None:
             # A padding token with a zero key adds nothing to any sum, and a decay of 1 (log 0)
             # adds no factor to the mask between the tokens around it: it is invisible. The
@@ -206,7 +241,7 @@ class SoftmaxAttention(_MultiHeadMixer):
         super().__init__(dim, num_heads)
         self.causal = causal
 
-    def _mix(self, q, k, v, x, key_mask, form):
+    def _mix(self, q, k, v, x, key_mask, form, extra):
         if form not in (None, "attention"):
             raise ValueError(f"softmax attention has only the attention form, got form={form!r}")
         mask = None if key_mask is None else key_mask[:, None, None, :]

@@ -87,13 +87,16 @@ class _Copies(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("variant", ["lit", "s"])
-def test_attention_layer_copies_only_its_values(variant):
+@pytest.mark.parametrize("fused", [False, True])
+def test_attention_layer_copies_only_its_values(variant, fused):
     """A LionAttention training step on the kernels copies the heads once, the values into the
     kernels' flat layout: the output goes to the output projection and dv to the value projection
-    as views (mutation-checked: contiguous outputs give three more copies)."""
+    as views (mutation-checked: contiguous outputs give three more copies), with the projections
+    as separate layers or as one product (the heads then slices of a wider tensor)."""
     torch.manual_seed(0)
     B, L, H = 2, 40, 2
     layer = LionAttention(H * WIDTH, H, variant=variant, impl="triton").to(DEVICE, DTYPE)
+    layer.fused_projections = fused
     x = torch.randn(B, L, H * WIDTH, device=DEVICE, dtype=DTYPE, requires_grad=True)
     layer(x).square().mean().backward()  # a first step, so that nothing made once is counted
     with _Copies(x.numel()) as copies:

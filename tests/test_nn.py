@@ -5,6 +5,8 @@ import importlib
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lionedu import lion_attention
 from lionedu.data import image_orders
@@ -120,6 +122,45 @@ def test_every_parameter_gets_a_gradient(variant, form):
         assert "blocks.0.mixer.decay_logit" in grads
     if variant == "s":
         assert "blocks.0.mixer.gate.weight" in grads and "blocks.0.mixer.gate.bias" in grads
+
+
+@settings(max_examples=15, deadline=None)
+@given(B=st.integers(1, 3), L=st.integers(1, 20), heads=st.integers(1, 3), head_dim=st.sampled_from([1, 3, 4]),
+       kind=st.sampled_from([("lion", v) for v in VARIANTS] + [("softmax", None)]), causal=st.booleans(),
+       masked=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fused_projections_match_separate_layers(B, L, heads, head_dim, kind, causal, masked, seed):
+    """The input projections as one product (q, k, v and LION-S's gate; the default on a GPU) give the
+    separate layers' output and every gradient, in float64."""
+    torch.manual_seed(seed)
+    mixer, variant = kind
+    dim = heads * head_dim
+    layer = (LionAttention(dim, heads, variant, causal=causal) if mixer == "lion"
+             else SoftmaxAttention(dim, heads, causal=causal)).double()
+    x = torch.randn(B, L, dim, dtype=torch.float64, requires_grad=True)
+    key_mask = ((torch.rand(B, L) < 0.7) | (torch.arange(L) == 0)) if masked else None  # the first token real
+    results = {}
+    for fused in (False, True):
+        layer.fused_projections = fused
+        layer.zero_grad()
+        x.grad = None
+        y = layer(x, key_mask=key_mask)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)).sum().backward()
+        results[fused] = [y.detach(), x.grad, *(p.grad for p in layer.parameters())]
+    assert len(results[True]) == 2 + len(list(layer.parameters()))
+    for separate, fused in zip(results[False], results[True]):
+        assert torch.allclose(separate, fused, rtol=1e-10, atol=1e-12), (separate - fused).abs().max()
+
+
+def test_fused_projections_by_default_on_a_gpu_only():
+    """Heads of one product on CUDA inputs (views of one tensor), separate layers' outputs on a CPU."""
+    layer = LionAttention(8, 2, "s").to(DEVICE)
+    x = torch.randn(2, 5, 8, device=DEVICE)
+    outputs = layer._project(x)
+    assert [t.shape[-1] for t in outputs] == [8, 8, 8, 2]
+    bases = {t.untyped_storage().data_ptr() for t in outputs}
+    assert len(bases) == (1 if x.is_cuda else 4)
+    layer.fused_projections = True
+    assert len({t.untyped_storage().data_ptr() for t in layer._project(x)}) == 1
 
 
 def test_softmax_gradients():
