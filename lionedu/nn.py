@@ -51,8 +51,9 @@ class _MultiHeadMixer(nn.Module):
     ...]^T + b``, and the heads are views of its output: one product, one bias gradient and no
     sum of three input gradients in the backward pass, where separate layers make three of each
     (results/NOTES.md, "LION in a model"). The parameters are the same ``nn.Linear`` layers either
-    way; only rounding differs. ``True`` or ``False`` forces it (a CPU keeps the separate layers by
-    default, so that results computed on one stay bit for bit what they were).
+    way; only rounding differs. ``True`` or ``False`` forces it. By default a CPU keeps the separate
+    layers (so that results computed on one stay bit for bit what they were), and so does
+    ``torch.compile``, which plans the products itself.
     """
 
     fused_projections: bool | None = None
@@ -85,7 +86,9 @@ class _MultiHeadMixer(nn.Module):
         """The outputs of :meth:`_input_projections` for ``x [B, L, dim]``, each ``[B, L, out]``:
         of one product with the weights concatenated where projections are fused, else of each layer."""
         layers = self._input_projections()
-        fused = x.is_cuda if self.fused_projections is None else self.fused_projections
+        fused = self.fused_projections
+        if fused is None:
+            fused = x.is_cuda and not torch.compiler.is_compiling()
         if not fused:
             return [layer(x) for layer in layers]
         weight = torch.cat([layer.weight for layer in layers])

@@ -151,16 +151,23 @@ def test_fused_projections_match_separate_layers(B, L, heads, head_dim, kind, ca
         assert torch.allclose(separate, fused, rtol=1e-10, atol=1e-12), (separate - fused).abs().max()
 
 
-def test_fused_projections_by_default_on_a_gpu_only():
-    """Heads of one product on CUDA inputs (views of one tensor), separate layers' outputs on a CPU."""
+def test_fused_projections_by_default_on_a_gpu_only(monkeypatch):
+    """Heads of one product on CUDA inputs (views of one tensor), separate layers' outputs on a CPU
+    and under torch.compile, one product wherever forced."""
     layer = LionAttention(8, 2, "s").to(DEVICE)
     x = torch.randn(2, 5, 8, device=DEVICE)
-    outputs = layer._project(x)
-    assert [t.shape[-1] for t in outputs] == [8, 8, 8, 2]
-    bases = {t.untyped_storage().data_ptr() for t in outputs}
-    assert len(bases) == (1 if x.is_cuda else 4)
+
+    def storages():
+        outputs = layer._project(x)
+        assert [t.shape[-1] for t in outputs] == [8, 8, 8, 2]
+        return len({t.untyped_storage().data_ptr() for t in outputs})
+
+    assert storages() == (1 if x.is_cuda else 4)
     layer.fused_projections = True
-    assert len({t.untyped_storage().data_ptr() for t in layer._project(x)}) == 1
+    assert storages() == 1
+    layer.fused_projections = None
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert storages() == 4
 
 
 def test_softmax_gradients():
