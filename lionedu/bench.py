@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import sys
 import time
 
@@ -280,15 +281,23 @@ def run(args) -> dict:
         "copy_tbps": copy_tbps,
         "timing": "cuda-graph" if args.cuda_graph else "eager",
         "autograd": "single-threaded" if args.single_threaded_autograd else "default",
+        "host_cpus": host_cpus(),
         "rows": rows,
     }
 
 
+def host_cpus() -> int:
+    """How many CPUs this process may run on (``taskset`` narrows it). Eager timings depend on it:
+    on the H200 machines of results/, one CPU halved the host's time per step (results/NOTES.md)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _timing(result: dict) -> str:
     """How a result was timed, for its table and plot: "eager", "cuda-graph", or eager with the
-    backward in the calling thread."""
+    backward in the calling thread; eager on one CPU says so (older files lack the count)."""
     single = result.get("autograd") == "single-threaded"
-    return result.get("timing", "eager") + (", single-threaded autograd" if single else "")
+    one_cpu = result.get("timing", "eager") == "eager" and result.get("host_cpus") == 1
+    return result.get("timing", "eager") + (", single-threaded autograd" if single else "") + (", one CPU" if one_cpu else "")
 
 
 def format_table(result: dict) -> str:

@@ -1,6 +1,7 @@
 """The two command-line tools: python -m lionedu.check and python -m lionedu.bench."""
 import io
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -116,8 +117,21 @@ def test_bench_keeps_the_forward_when_the_backward_fails(monkeypatch):
 
     monkeypatch.setattr(bench, "implementation", lambda name: lambda q, k, v, ld, causal: NoBackward.apply(v))
     args = bench.parse_args(["--lengths", "256", "--variants", "s", "--causal", "false", "--impls", "sdpa"])
-    (row,) = bench.run(args)["rows"]
+    result = bench.run(args)
+    (row,) = result["rows"]
     assert row["fwd_ms"] > 0 and row["fwdbwd_ms"] is None and "no backward" in row["error"]
+    assert result["host_cpus"] == bench.host_cpus() >= 1
+
+
+def test_bench_says_how_many_cpus_an_eager_run_had(monkeypatch):
+    """The JSON records the CPUs the process could use; an eager run on one says so in its table."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    assert bench.host_cpus() == 1
+    base = {"device": "GPU", "torch": "t", "triton": "t", "date": "d", "copy_tbps": 1.0, "rows": []}
+    assert "eager, one CPU timing" in bench.format_table({**base, "timing": "eager", "host_cpus": 1})
+    assert "one CPU" not in bench.format_table({**base, "timing": "eager", "host_cpus": 16})
+    assert "one CPU" not in bench.format_table({**base, "timing": "cuda-graph", "host_cpus": 1})
+    assert "one CPU" not in bench.format_table(base)  # files written before the count
 
 
 @pytest.mark.gpu
