@@ -51,7 +51,6 @@ import torch.nn.functional as F
 
 from .centring import centred_copy, value_stats
 from .decay_gradient import decay_gradient
-from .layout import dense_like
 from .launch import (States, chunk_outputs, chunk_outputs_and_twin, chunk_states, next_power_of_2, padded_chunk_sums,
                      persistent_outputs, twin_outputs)
 from .normaliser import normaliser_gradient
@@ -118,13 +117,16 @@ def chunk_log_decay_sums(log_decay, B: int, H: int, L: int, chunk_size: int):
 
 
 def output_like(v: torch.Tensor, width: int) -> torch.Tensor:
-    """A new tensor for an output shaped like ``v [B, H, L, Dv]``, dense in ``v``'s order of dimensions
-    where the kernels can write that layout (``width == Dv``, no padding, and ``v``'s last stride 1,
-    such as the transposed view of ``[B, L, H, Dv]`` an attention layer splits its heads with, or of a
-    slice of a wider projection: :mod:`.layout`); else a contiguous ``[B, H, L, width]``."""
-    if width == v.shape[-1] and v.stride(-1) == 1:
-        y = dense_like(v)
-        if y.stride(-1) == 1:  # (a size-1 last dim may sort elsewhere)
+    """A new tensor for an output shaped like ``v [B, H, L, Dv]`` and in its layout where the kernels
+    can write that layout (``width == Dv``, no padding, and the new tensor's last stride 1: :mod:`.layout`),
+    else a contiguous ``[B, H, L, width]``. ``torch.empty_like`` makes a dense tensor in ``v``'s order
+    of dimensions, with ``v``'s own strides where ``v`` is dense, and dense strides in that order where
+    it is not: the transposed view of ``[B, L, H, Dv]`` an attention layer splits its heads with, or
+    the same view of a slice of a wider projection (``nn``'s fused projections), both give a
+    ``[B, L, H, Dv]``-ordered output, which goes back to the projection's rows without a copy."""
+    if width == v.shape[-1]:
+        y = torch.empty_like(v)
+        if y.stride(-1) == 1:
             return y
     return v.new_empty(*v.shape[:3], width)
 

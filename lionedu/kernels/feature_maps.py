@@ -34,7 +34,6 @@ import triton.language as tl
 from .. import features
 from .fast_launch import Launcher
 from .launch import ceil_div, next_power_of_2
-from .layout import dense_like
 
 __all__ = ["fused_feature_map", "feature_map"]
 
@@ -133,9 +132,9 @@ class _FeatureMap(torch.autograd.Function):
     def backward(ctx, dphi):
         x, = ctx.saved_tensors
         dphi = _unit_stride(dphi)
-        # dense in x's order (the projection's [B, L, H, D]: no copy after), contiguous where the
+        # x's layout (the projection's [B, L, H, D] order: no copy after), or contiguous where the
         # forward had to copy an x whose last stride was not 1
-        dx = dense_like(x)
+        dx = torch.empty_like(x)
         B, H, L, D = x.shape
         R = B * H * L
         _launch_backward((ceil_div(R, ROWS),), x, dphi, dx, *x.stride()[:3], *dphi.stride()[:3], *dx.stride()[:3],

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["row_offsets", "row_strides", "check_rows", "heads", "dense_like"]
+__all__ = ["row_offsets", "row_strides", "check_rows", "heads"]
 
 
 @triton.jit
@@ -36,21 +36,6 @@ def row_strides(t: torch.Tensor, H: int) -> tuple:
         return t.stride(0), t.stride(1), t.stride(2)
     _, L, W = t.shape
     return H * L * W, L * W, W
-
-
-def dense_like(t: torch.Tensor) -> torch.Tensor:
-    """A new tensor shaped like ``t``, of its dtype and device, dense, with ``t``'s order of
-    dimensions in memory (by decreasing stride, ties in order). Unlike ``torch.empty_like``, also
-    for a ``t`` that is not dense itself: the heads ``[B, H, L, W]`` split from a slice of a wider
-    projection (``[B, L, N]``, ``N > H W``) give a ``[B, L, H, W]``-ordered tensor, so that the
-    result goes back to ``[B, L, H W]`` as a view. A dense ``t`` gets its own strides, as from
-    ``torch.empty_like`` (dimensions of size 1 keep theirs: they address nothing)."""
-    strides, step = list(t.stride()), 1
-    for d in sorted(range(t.dim()), key=lambda d: (t.stride(d), -d)):  # innermost dimension first
-        if t.shape[d] != 1:
-            strides[d] = step
-            step *= t.shape[d]
-    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
 
 
 def heads(*tensors) -> int:
