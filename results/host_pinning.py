@@ -26,7 +26,8 @@ from triton.testing import do_bench
 from lionedu.bench import host_ms_per_call, implementation, make_inputs, training_step
 from lionedu.kernels.autograd import ChunkwiseAttention
 from lionedu.kernels.fast_launch import Launcher
-from model_step import run_header  # results/ (this script's folder is on sys.path)
+from autograd_thread import _timed_backward, inside_backward  # results/ (this script's folder is on sys.path)
+from model_step import run_header
 
 
 @triton.jit
@@ -66,17 +67,6 @@ class _WorkInBackward(torch.autograd.Function):
         return grad
 
 
-_inside_backward = []
-_backward = ChunkwiseAttention.backward
-
-
-def _timed_backward(ctx, dy):
-    start = time.perf_counter()
-    grads = _backward(ctx, dy)
-    _inside_backward.append(time.perf_counter() - start)
-    return grads
-
-
 def _median_us(seconds):
     return statistics.median(seconds) * 1e6
 
@@ -114,10 +104,10 @@ def main(rounds: int = 5):
                 for name, step in steps.items():
                     for _ in range(5):
                         step()
-                    _inside_backward.clear()
+                    inside_backward.clear()
                     found.setdefault(f"{name}, {mode}: host per step", []).append(host_ms_per_call(step, 50) * 1e3)
                     if name == "lionedu-triton":
-                        found.setdefault(f"{name}, {mode}: in its backward", []).append(_median_us(_inside_backward))
+                        found.setdefault(f"{name}, {mode}: in its backward", []).append(_median_us(inside_backward))
         torch.autograd.set_multithreading_enabled(True)
         for what, values in found.items():
             print(f"L={L} {what} {statistics.median(values):.1f} (rounds: {' '.join(f'{v:.0f}' for v in values)})",
