@@ -40,20 +40,31 @@ def _initial_decays(num_heads: int) -> torch.Tensor:
     return 1.0 - 2.0 ** (-exponents)
 
 
+def _joins_product(layer) -> bool:
+    """Whether a projection can join the fused product: a plain ``nn.Linear`` with a bias and no
+    forward hooks (of its own or global), whose output is then ``x W^T + b`` and nothing else."""
+    hooks = (layer._forward_hooks, layer._forward_pre_hooks, torch.nn.modules.module._global_forward_hooks,
+             torch.nn.modules.module._global_forward_pre_hooks)
+    return type(layer) is nn.Linear and layer.bias is not None and not any(hooks)
+
+
 class _MultiHeadMixer(nn.Module):
     """Shared part of both attention layers: q/k/v/output projections and head reshaping.
 
     Subclasses implement ``_mix(q, k, v, x, key_mask, form, extra)`` on ``[B, H, L, D]`` heads
-    (``extra``: see :meth:`_input_projections`).
+    (``extra``: see :meth:`_project`).
 
     ``fused_projections``: on CUDA inputs (the default, ``None``) the input projections run as
     one matrix product with their weights concatenated, ``[q | k | v | extra] = x [W_q; W_k; W_v;
     ...]^T + b``, and the heads are views of its output: one product, one bias gradient and no
     sum of three input gradients in the backward pass, where separate layers make three of each
     (results/NOTES.md, "LION in a model"). The parameters are the same ``nn.Linear`` layers either
-    way; only rounding differs. ``True`` or ``False`` forces it. By default a CPU keeps the separate
-    layers (so that results computed on one stay bit for bit what they were), and so does
-    ``torch.compile``, which plans the products itself.
+    way; only rounding differs. The product reads the layers' weights and biases, not their
+    ``forward``, so layers that are not plain ``nn.Linear`` with a bias, or that have forward hooks,
+    are called one by one instead. ``True`` forces the product (a ``ValueError`` if a layer cannot
+    join it), ``False`` the separate layers. By default a CPU keeps the separate layers (so that
+    results computed on one stay bit for bit what they were), and so does ``torch.compile``, which
+    plans the products itself.
     """
 
     fused_projections: bool | None = None
@@ -78,19 +89,25 @@ class _MultiHeadMixer(nn.Module):
         return t.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
 
     def _input_projections(self) -> list:
-        """The ``nn.Linear`` layers applied to the input: q, k, v, then any a subclass adds, whose
-        outputs ``[B, L, out_features]`` reach ``_mix`` as the list ``extra``."""
+        """The ``nn.Linear`` layers applied to the input: q, k, v, then any a subclass adds to the
+        fused product (LION-S's gate)."""
         return [self.q_proj, self.k_proj, self.v_proj]
 
     def _project(self, x: torch.Tensor) -> list:
-        """The outputs of :meth:`_input_projections` for ``x [B, L, dim]``, each ``[B, L, out]``:
-        of one product with the weights concatenated where projections are fused, else of each layer."""
+        """``[q, k, v, *extra]`` for ``x [B, L, dim]``, each ``[B, L, out]``: of one product with the
+        weights concatenated where the projections are fused, ``extra`` then holding the outputs of the
+        layers after q, k, v in :meth:`_input_projections`; else of each of the three layers, and
+        ``extra`` empty (a subclass computes what those layers give from ``x`` itself)."""
         layers = self._input_projections()
         fused = self.fused_projections
+        joinable = all(_joins_product(layer) for layer in layers)
         if fused is None:
-            fused = x.is_cuda and not torch.compiler.is_compiling()
+            fused = joinable and x.is_cuda and not torch.compiler.is_compiling()
+        elif fused and not joinable:
+            raise ValueError("fused_projections=True needs plain nn.Linear input projections with biases and no "
+                             "forward hooks (their weights are concatenated, their forward is not called)")
         if not fused:
-            return [layer(x) for layer in layers]
+            return [layer(x) for layer in layers[:3]]
         weight = torch.cat([layer.weight for layer in layers])
         bias = torch.cat([layer.bias for layer in layers])
         return list(F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1))
@@ -175,18 +192,16 @@ class LionAttention(_MultiHeadMixer):
                 f"chunk_size={self.chunk_size}, causal={self.causal}, orders={n}")
 
     def _input_projections(self) -> list:
-        """q, k, v and, for LION-S, the gate (fused with them into one product on a GPU)."""
-        return super()._input_projections() + ([self.gate] if self.variant == "s" else [])
+        """q, k, v and, for LION-S, the gate, which joins the fused product unless a subclass
+        computes its decays another way (overrides :meth:`log_decay`)."""
+        gate = self.variant == "s" and type(self).log_decay is LionAttention.log_decay
+        return super()._input_projections() + ([self.gate] if gate else [])
 
-    def log_decay(self, x: torch.Tensor, gate_logits: torch.Tensor | None = None) -> torch.Tensor | None:
-        """The decays for input ``x: [B, L, dim]``: ``None`` (lit), ``[H]`` (d) or ``[B, H, L]`` (s).
-        ``gate_logits``: LION-S's ``w_h . x_i + b_h`` as ``[B, L, H]``, where already computed (the
-        fused projection's last columns); the same function of ``x`` up to rounding."""
+    def log_decay(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The decays for input ``x: [B, L, dim]``: ``None`` (lit), ``[H]`` (d) or ``[B, H, L]`` (s)."""
         if self.variant == "d":
             return fixed_log_decay(self.decay_logit)
         if self.variant == "s":
-            if gate_logits is not None:
-                return F.logsigmoid(gate_logits).transpose(1, 2)
             return selective_log_decay(x, self.gate.weight, self.gate.bias)
         return None
 
@@ -202,7 +217,9 @@ class LionAttention(_MultiHeadMixer):
 
             phi = fused_feature_map(phi) or phi
         q, k = phi(q), phi(k)
-        log_decay = self.log_decay(x, *extra)
+        # LION-S's gate logits [B, L, H] from the fused product, where it made them: the decays
+        # log_decay(x) computes, up to rounding
+        log_decay = F.logsigmoid(extra[0]).transpose(1, 2) if extra else self.log_decay(x)
         if key_mask is not None:
             # A padding token with a zero key adds nothing to any sum, and a decay of 1 (log 0)
             # adds no factor to the mask between the tokens around it: it is invisible. The

@@ -152,22 +152,62 @@ def test_fused_projections_match_separate_layers(B, L, heads, head_dim, kind, ca
 
 
 def test_fused_projections_by_default_on_a_gpu_only(monkeypatch):
-    """Heads of one product on CUDA inputs (views of one tensor), separate layers' outputs on a CPU
-    and under torch.compile, one product wherever forced."""
+    """Heads of one product (q, k, v and the gate, views of one tensor) on CUDA inputs; on a CPU and
+    under torch.compile q, k and v from their own layers, the gate left to log_decay; one product
+    wherever forced."""
     layer = LionAttention(8, 2, "s").to(DEVICE)
     x = torch.randn(2, 5, 8, device=DEVICE)
 
-    def storages():
+    def widths_and_storages():
         outputs = layer._project(x)
-        assert [t.shape[-1] for t in outputs] == [8, 8, 8, 2]
-        return len({t.untyped_storage().data_ptr() for t in outputs})
+        return [t.shape[-1] for t in outputs], len({t.untyped_storage().data_ptr() for t in outputs})
 
-    assert storages() == (1 if x.is_cuda else 4)
+    separate, fused = ([8, 8, 8], 3), ([8, 8, 8, 2], 1)
+    assert widths_and_storages() == (fused if x.is_cuda else separate)
     layer.fused_projections = True
-    assert storages() == 1
+    assert widths_and_storages() == fused
     layer.fused_projections = None
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert storages() == 4
+    assert widths_and_storages() == separate
+
+
+class _NoDecayLionS(LionAttention):
+    """A subclass with decays of its own: log_decay overridden (here, all decays 1)."""
+
+    def log_decay(self, x):
+        return torch.zeros(x.shape[0], self.num_heads, x.shape[1], dtype=x.dtype, device=x.device)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_fused_projections_respect_an_overridden_log_decay(fused):
+    """A subclass's own log_decay is used with the fused product too: its gate stays out of the
+    product (the output is LIT-like attention with the S feature map, no decay at all)."""
+    torch.manual_seed(0)
+    layer = _NoDecayLionS(8, 2, "s").double()
+    layer.fused_projections = fused
+    x = torch.randn(2, 7, 8, dtype=torch.float64)
+    assert [t.shape[-1] for t in layer._project(x)] == [8, 8, 8]
+    q, k, v = (layer._split(p(x)) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+    expected = lion_attention(layer.feature_map(q), layer.feature_map(k), v, None, impl="attention")
+    assert torch.allclose(layer(x), layer.out_proj(expected.transpose(1, 2).reshape(x.shape)), rtol=1e-12, atol=1e-12)
+
+
+def test_projections_that_cannot_join_the_product_are_called_one_by_one():
+    """The product reads weights and biases, not forward: a hooked layer, a Linear subclass or a layer
+    without bias keeps the separate calls by default, and forcing the product is refused."""
+    x = torch.randn(2, 5, 8, device=DEVICE)
+    cases = {"hook": lambda layer: layer.q_proj.register_forward_hook(lambda module, args, out: out * 2),
+             "subclass": lambda layer: setattr(layer, "k_proj", type("Scaled", (torch.nn.Linear,), {})(8, 8)),
+             "no bias": lambda layer: setattr(layer, "v_proj", torch.nn.Linear(8, 8, bias=False))}
+    for name, change in cases.items():
+        layer = LionAttention(8, 2, "s")
+        change(layer)
+        layer.to(DEVICE)
+        layer.fused_projections = True
+        with pytest.raises(ValueError, match="fused_projections=True needs plain nn.Linear"):
+            layer(x)
+        layer.fused_projections = None
+        assert len(layer._project(x)) == 3, name
 
 
 def test_softmax_gradients():

@@ -16,9 +16,10 @@ launches, can then be captured in a CUDA graph (``mode="reduce-overhead"``).
 
 Custom operators may not return ``None``, nor a tensor that shares memory with an input or
 another output, so the optional outputs come back as empty tensors and the backward pass
-rebuilds the flattened, padded inputs from ``q, k, v, y`` (a view where no padding was
-needed) instead of receiving them; normalised, the forward also returns the centred output
-``yc`` (:mod:`.centring`), which the backward receives in place of ``y``, and the values' shift.
+rebuilds the flattened, padded inputs from ``q, k, v`` (a view where no padding was needed)
+instead of receiving them. Normalised, the forward also returns the centred output ``yc``
+(:mod:`.centring`) and the values' shift, which the backward receives as its ``y`` and ``shift``;
+unnormalised, ``yc`` is empty, since the backward reads no output.
 """
 from __future__ import annotations
 
