@@ -333,8 +333,9 @@ def test_masked_operator_folds_the_carries(L, widths, tile_dk, tile_dv, segments
     for got, want in pairs:
         if DEVICE == "cpu":
             assert torch.equal(got, want)
-        else:  # a state rounded once to its format either way, possibly to the neighbouring number
-            assert _rel(got, want) < (1e-6 if dtype == torch.float32 else 8e-3)
+        else:  # a state rounded once to its format either way, possibly to the neighbouring number: 150
+            # drawn cases on an H200 gave the same bits in bfloat16 and up to 4.9e-7 in float32 (dev runs §49 f)
+            assert _rel(got, want) < (1e-6 if dtype == torch.float32 else 1e-3)
     if dtype == torch.float32:
         ref, _ = _operator_reference(q, k, v, per_token, lower, upper)
         assert _rel(folded[0], ref) < 1e-5
