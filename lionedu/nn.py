@@ -100,10 +100,9 @@ class _MultiHeadMixer(nn.Module):
         ``extra`` empty (a subclass computes what those layers give from ``x`` itself)."""
         layers = self._input_projections()
         fused = self.fused_projections
-        joinable = all(_joins_product(layer) for layer in layers)
         if fused is None:
-            fused = joinable and x.is_cuda and not torch.compiler.is_compiling()
-        elif fused and not joinable:
+            fused = x.is_cuda and not torch.compiler.is_compiling() and all(map(_joins_product, layers))
+        elif fused and not all(map(_joins_product, layers)):
             raise ValueError("fused_projections=True needs plain nn.Linear input projections with biases and no "
                              "forward hooks (their weights are concatenated, their forward is not called)")
         if not fused:

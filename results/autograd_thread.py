@@ -35,7 +35,7 @@ inside_backward = []  # seconds spent in ChunkwiseAttention.backward, per call
 _backward = ChunkwiseAttention.backward
 
 
-def _timed_backward(ctx, dy):
+def timed_backward(ctx, dy):
     start = time.perf_counter()
     grads = _backward(ctx, dy)
     inside_backward.append(time.perf_counter() - start)
@@ -43,7 +43,7 @@ def _timed_backward(ctx, dy):
 
 
 def main():
-    ChunkwiseAttention.backward = staticmethod(_timed_backward)
+    ChunkwiseAttention.backward = staticmethod(timed_backward)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, lionedu {lionedu.__version__}")
     q, k, v, ld = make_inputs("s", 4, 16, 1024, 64, 64, torch.bfloat16)
     x = torch.randn(64, device="cuda", requires_grad=True)

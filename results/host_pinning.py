@@ -26,7 +26,7 @@ from triton.testing import do_bench
 from lionedu.bench import host_ms_per_call, implementation, make_inputs, training_step
 from lionedu.kernels.autograd import ChunkwiseAttention
 from lionedu.kernels.fast_launch import Launcher
-from autograd_thread import _timed_backward, inside_backward  # results/ (this script's folder is on sys.path)
+from autograd_thread import timed_backward, inside_backward  # results/ (this script's folder is on sys.path)
 from model_step import run_header
 
 
@@ -93,7 +93,7 @@ def main(rounds: int = 5):
         torch.autograd.set_multithreading_enabled(True)
         print(f"{n} x {kind}: " + ", ".join(f"{mode} {statistics.median(v):.1f}" for mode, v in found.items()),
               flush=True)
-    ChunkwiseAttention.backward = staticmethod(_timed_backward)
+    ChunkwiseAttention.backward = staticmethod(timed_backward)
     for L in (1024, 4096):
         steps = {name: training_step(implementation(name), *make_inputs("s", 4, 16, L, 64, 64, torch.bfloat16))[0]
                  for name in ("lionedu-triton", "sdpa")}
