@@ -12,7 +12,7 @@ import torch
 import triton
 
 from lionedu.kernels import fast_launch
-from lionedu.kernels.fast_launch import Launcher, argument_key
+from lionedu.kernels.fast_launch import Launcher
 
 
 class FakeCompiled:
@@ -51,30 +51,42 @@ def fast(monkeypatch):
     monkeypatch.setattr(fast_launch, "_hooks_installed", lambda: False)
 
 
-def test_argument_key_separates_what_triton_specialises_on():
-    flat = torch.zeros(65)
-    aligned, shifted = flat[:64], flat[1:]  # 4-byte offset: not a multiple of 16 bytes
-    assert argument_key(aligned) == argument_key(torch.zeros(3))
-    assert argument_key(aligned) != argument_key(shifted)
-    assert argument_key(aligned) != argument_key(aligned.to(torch.float16))
-    assert argument_key(32) == argument_key(48)  # both multiples of 16
-    assert len({argument_key(n) for n in (1, 16, 17, 1 << 31)}) == 4
-    assert argument_key(True) != argument_key(1)
-    assert argument_key(0.5) != argument_key(0.25)
-
-
 def test_second_call_launches_the_compiled_kernel_directly(fast):
     kernel = FakeKernel()
     launch = Launcher(kernel)
     x = torch.zeros(4)
     first = launch((3,), x, 32, A=1, B="ieee", num_warps=8, num_stages=2)
     assert kernel.calls == [((3,), (x, 32), dict(A=1, B="ieee", num_warps=8, num_stages=2))]
-    assert launch((5, 2), x, 48, B="ieee", A=1, num_warps=8, num_stages=2) is first  # 48: same key as 32
+    y = torch.ones(4)  # another tensor of the same dtype and alignment: the same key
+    assert launch((5, 2), y, 32, B="ieee", A=1, num_warps=8, num_stages=2) is first
     assert len(kernel.calls) == 1
-    assert first.runs == [(5, 2, 1, 7, "handle", "metadata", None, None, None, x, 48, 1, "ieee")]
+    assert first.runs == [(5, 2, 1, 7, "handle", "metadata", None, None, None, y, 32, 1, "ieee")]
 
 
-@pytest.mark.parametrize("change", ["dtype", "alignment", "int", "constexpr", "warps"])
+def test_options_made_once_launch_as_the_call_does(fast):
+    kernel = FakeKernel()
+    launch = Launcher(kernel)
+    x = torch.zeros(4)
+    options = launch.options(num_warps=2, num_stages=1, B=0, A=5)
+    assert options.meta == (5, 0) and options.key == (2, 1, (5, 0))
+    first = launch.launch((2,), options, (x,), (16,))
+    assert kernel.calls == [((2,), (x, 16), dict(A=5, B=0, num_warps=2, num_stages=1))]
+    assert launch((3,), x, 16, A=5, B=0, num_warps=2, num_stages=1) is first  # the call's key is the same
+    assert first.runs == [(3, 1, 1, 7, "handle", "metadata", None, None, None, x, 16, 5, 0)]
+
+
+def test_the_cache_of_configurations_is_bounded(fast, monkeypatch):
+    monkeypatch.setattr(fast_launch, "MAX_CONFIGURATIONS", 2)
+    kernel = FakeKernel()
+    launch = Launcher(kernel)
+    x = torch.zeros(4)
+    for n in (16, 17, 18, 16):
+        launch((1,), x, n, A=0, B=0)
+        assert len(launch._compiled) <= 2
+    assert len(kernel.calls) == 4  # 16 was dropped when the cache started afresh at 18
+
+
+@pytest.mark.parametrize("change", ["dtype", "alignment", "none", "int", "constexpr", "warps"])
 def test_a_new_specialisation_goes_through_triton(fast, change):
     kernel = FakeKernel()
     launch = Launcher(kernel)
@@ -85,6 +97,8 @@ def test_a_new_specialisation_goes_through_triton(fast, change):
         args[0] = x.double()
     elif change == "alignment":
         args[0] = x[1:]
+    elif change == "none":  # a pointer the configuration does not read: compiled away
+        args[0] = None
     elif change == "int":
         args[1] = 33
     elif change == "constexpr":

@@ -44,6 +44,7 @@ in tiles up to 64 x 64, the measured ones).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -172,6 +173,12 @@ _launch_stats = Launcher(value_stats_kernel)
 _launch_shift = Launcher(shift_kernel)
 
 
+@functools.lru_cache(maxsize=64)
+def _stats_options(DV: int, rows: int, tiles: int):
+    """The stats kernel's launch options (fast_launch.LaunchOptions), made once per configuration."""
+    return _launch_stats.options(num_warps=8, num_stages=1, DV=DV, ROWS=rows, TILES=tiles)
+
+
 def value_stats(v: torch.Tensor) -> torch.Tensor:
     """Column sums and largest magnitudes of ``v [BH, L, DV]`` (contiguous, ``DV`` a power of
     two) per block of ``stats_rows(DV) * TILES`` rows: ``[BH, P, 2, DV]`` float32, for
@@ -182,7 +189,7 @@ def value_stats(v: torch.Tensor) -> torch.Tensor:
     rows = stats_rows(DV)
     P = ceil_div(L, rows * TILES)  # blocks of rows
     stats = torch.empty(BH, P, 2, DV, device=v.device, dtype=torch.float32)
-    _launch_stats((P, BH), v, stats, L, DV=DV, ROWS=rows, TILES=TILES, num_warps=8, num_stages=1)
+    _launch_stats.launch((P, BH), _stats_options(DV, rows, TILES), (v, stats), (L,))
     return stats
 
 

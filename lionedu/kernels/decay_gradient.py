@@ -16,6 +16,8 @@ A decay shared by all positions of a head (LION-D) only needs ``sum_t dl_t`` per
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -78,11 +80,17 @@ def decay_gradient_kernel(
 _launch = Launcher(decay_gradient_kernel)
 
 
+@functools.lru_cache(maxsize=64)
+def _options(row_sums: bool, block: int):
+    """The launch options (fast_launch.LaunchOptions), made once per configuration."""
+    return _launch.options(num_warps=4, ROW_SUMS=row_sums, BLOCK=block)
+
+
 def decay_gradient(r_before, r_after, c_before, c_after, *, row_sums: bool = False):
     """The row dots ``[BH, L]`` float32 (contiguous) -> ``dl [BH, L]`` float32, or with
     ``row_sums`` its sum over positions, ``[BH]`` float32."""
     BH, L = r_before.shape
     out = torch.empty(BH, device=r_before.device, dtype=torch.float32) if row_sums else torch.empty_like(r_before)
     block = min(BLOCK, next_power_of_2(L))
-    _launch((BH,), r_before, r_after, c_before, c_after, out, L, ROW_SUMS=row_sums, BLOCK=block, num_warps=4)
+    _launch.launch((BH,), _options(row_sums, block), (r_before, r_after, c_before, c_after, out), (L,))
     return out

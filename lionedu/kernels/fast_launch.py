@@ -6,14 +6,17 @@ pointer and whether its address is a multiple of 16 bytes; whether each integer 
 multiple of 16, fits in 32 bits), turn that into a cache key, look the compiled kernel up,
 check that the globals the kernel reads have not changed, and only then launch it. On the
 H200 host of results/ that was 19-27 µs a call, of which the compiled kernel's own launch
-is 6-9 µs; a training step of LION makes eight such calls (ten with walks in segments), and at short lengths the GPU
-waits for them.
+is 6-9 µs; a training step of LION makes nine such calls (more with walks in segments), and at
+short lengths the GPU waits for them.
 
 :class:`Launcher` keeps the compiled kernel that Triton returns for each key of its own,
-made of what that specialisation depends on (device, launch options, constexpr values, and
-per argument the dtype and alignment of a tensor or the divisibility of an integer), and
+made of what that specialisation depends on (device, launch options, constexpr values, per
+pointer its dtype and alignment, and the scalar arguments by value: :meth:`Launcher.key`), and
 afterwards launches it directly. A new key goes through ``kernel[grid]`` once, which
 compiles when needed, so the first call of each configuration is an ordinary Triton call.
+The launch sites that run on every step make their :class:`LaunchOptions` once per
+configuration and pass ``None`` for the pointers a configuration never reads, which Triton
+compiles away (a stand-in tensor in their place was one more entry in every key).
 
 It is used only where that is safe: on a GPU (never under Triton's interpreter), with a
 Triton that launches compiled kernels the way this module does (one that has
@@ -29,7 +32,7 @@ import os
 import torch
 import triton
 
-__all__ = ["Launcher", "fast_launch_enabled", "set_fast_launch"]
+__all__ = ["Launcher", "LaunchOptions", "fast_launch_enabled", "set_fast_launch"]
 
 _Tensor = torch.Tensor
 
@@ -86,26 +89,34 @@ def _hooks_installed() -> bool:
     return _hook_active(runtime.launch_enter_hook) or _hook_active(runtime.launch_exit_hook)
 
 
-def argument_key(arg):
-    """What Triton's specialisation of one runtime argument depends on.
+MAX_CONFIGURATIONS = 4096  # compiled kernels a Launcher keeps; beyond that it starts afresh (bounded memory)
 
-    A tensor: its dtype and whether its address is a multiple of 16 bytes. An integer:
-    whether it is 1, whether it is a multiple of 16 and whether it fits in 32 bits (``bool``
-    included, as its own type). Anything else: its type and value, so that a different value
-    is a different key."""
-    if isinstance(arg, torch.Tensor):
-        return arg.dtype, not arg.data_ptr() & 15
-    if isinstance(arg, int):
-        return type(arg), arg == 1, arg & 15 == 0, -(1 << 31) <= arg < (1 << 31)
-    return type(arg), arg
+
+class LaunchOptions:
+    """The compile-time half of a launch: warps, pipeline stages and the constexpr values, made by
+    :meth:`Launcher.options` once per configuration (its callers cache it, :mod:`.launch`).
+
+    ``key``: ``(num_warps, num_stages, meta)`` with ``meta`` the constexpr values in the kernel's
+    signature order, or ``None`` for a kernel the launcher never launches directly."""
+    __slots__ = ("num_warps", "num_stages", "constexprs", "meta", "key")
+
+    def __init__(self, num_warps: int, num_stages: int, constexprs: dict, meta):
+        self.num_warps, self.num_stages, self.constexprs, self.meta = num_warps, num_stages, constexprs, meta
+        self.key = None if meta is None else (num_warps, num_stages, meta)
 
 
 class Launcher:
-    """``Launcher(kernel)(grid, *args, num_warps=..., num_stages=..., **constexprs)`` launches
-    ``kernel`` (a ``@triton.jit`` function whose constexpr parameters all come after its
-    runtime ones) as ``kernel[grid](*args, ...)`` would, with less host work from the second
-    call of each configuration on (module docstring). ``args``: the runtime arguments in
-    order; every constexpr parameter by name."""
+    """``Launcher(kernel)`` launches ``kernel`` (a ``@triton.jit`` function whose runtime
+    parameters are its pointers, then its scalars, and whose constexpr parameters come last) as
+    ``kernel[grid](...)`` would, with less host work from the second call of each configuration on
+    (module docstring).
+
+    ``launcher(grid, *args, num_warps=..., num_stages=..., **constexprs)`` takes the arguments as
+    ``kernel[grid]`` does. Where a launch runs often, make its options once,
+    ``options = launcher.options(num_warps=..., num_stages=..., **constexprs)``, and call
+    ``launcher.launch(grid, options, pointers, scalars)``: ``pointers`` the tensor arguments in
+    order (``None`` for one the configuration never reads; Triton then compiles it away),
+    ``scalars`` the rest."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -120,27 +131,54 @@ class Launcher:
         ordered = all(is_constexpr[first:])
         self._constexpr_names = tuple(p.name for p in params[first:]) if ordered else None
 
+    def options(self, num_warps: int = 4, num_stages: int = 3, **constexprs) -> LaunchOptions:
+        """The :class:`LaunchOptions` of a configuration; every constexpr parameter by name."""
+        names = self._constexpr_names
+        meta = None if names is None else tuple(constexprs[name] for name in names)
+        return LaunchOptions(num_warps, num_stages, constexprs, meta)
+
     def __call__(self, grid, *args, num_warps: int = 4, num_stages: int = 3, **constexprs):
-        if self._constexpr_names is None or not fast_launch_enabled() or _hooks_installed():
-            return self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
-        meta = tuple(map(constexprs.__getitem__, self._constexpr_names))
+        pointers = 0  # the leading tensor (or None) arguments
+        while pointers < len(args) and (args[pointers] is None or isinstance(args[pointers], torch.Tensor)):
+            pointers += 1
+        return self.launch(grid, self.options(num_warps, num_stages, **constexprs), args[:pointers], args[pointers:])
+
+    @staticmethod
+    def key(device: int, options: LaunchOptions, pointers, scalars) -> tuple:
+        """The key a launch's compiled kernel is kept under: what Triton's specialisation depends on.
+
+        The device, the options (warps, stages, constexpr values), per pointer its dtype and
+        whether its address is a multiple of 16 bytes (``None`` for one that is compiled away), and
+        the scalars by value: finer than Triton's own key for integers (whether each is 1, a
+        multiple of 16, fits in 32 bits), so a new value costs one call through Triton, which
+        finds the compiled kernel in its own cache; in exchange the tuple of scalars costs no
+        Python per element."""
+        return (device, options.key, scalars, *[p if p is None else (p.dtype, not p.data_ptr() & 15) for p in pointers])
+
+    def launch(self, grid, options: LaunchOptions, pointers, scalars=()):
+        """Launch with ``options`` (:meth:`options`) on ``grid``; ``pointers`` and ``scalars``
+        (tuples): the runtime arguments in signature order. Returns the compiled kernel."""
+        if options.key is None or not fast_launch_enabled() or _hooks_installed():
+            return self.kernel[grid](*pointers, *scalars, num_warps=options.num_warps, num_stages=options.num_stages,
+                                     **options.constexprs)
         device = _current_device()
-        # argument_key for every argument, with plain tensors (nearly all of them) keyed
-        # inline: the same (dtype, aligned) pair without a Python call each.
-        key = (device, num_warps, num_stages, meta,
-               *[(a.dtype, not a.data_ptr() & 15) if a.__class__ is _Tensor else argument_key(a) for a in args])
+        key = self.key(device, options, pointers, scalars)
         compiled = self._compiled.get(key)
         if compiled is None:  # first call of this configuration: Triton's path, which may compile
-            self._compiled[key] = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages,
-                                                    **constexprs)
-            return self._compiled[key]
+            if len(self._compiled) >= MAX_CONFIGURATIONS:
+                self._compiled.clear()
+            compiled = self.kernel[grid](*pointers, *scalars, num_warps=options.num_warps,
+                                         num_stages=options.num_stages, **options.constexprs)
+            self._compiled[key] = compiled
+            return compiled
         grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
         try:
             # The compiled kernel's C launcher: grid, stream, the kernel's handle and metadata,
             # launch metadata and enter / exit hooks (none here), then every argument.
             compiled.run(grid_x, grid_y, grid_z, _current_stream(device), compiled.function,
-                         compiled.packed_metadata, None, None, None, *args, *meta)
+                         compiled.packed_metadata, None, None, None, *pointers, *scalars, *options.meta)
         except TypeError:  # a launcher with another signature: fall back for good
             set_fast_launch(False)
-            return self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+            return self.kernel[grid](*pointers, *scalars, num_warps=options.num_warps,
+                                     num_stages=options.num_stages, **options.constexprs)
         return compiled

@@ -201,11 +201,6 @@ class States(NamedTuple):
     starts: Optional[SegmentStarts] = None
 
 
-def _or_dummy(t, dummy):
-    """A pointer argument: ``t``, or ``dummy`` where a configuration never reads it."""
-    return dummy if t is None else t
-
-
 @functools.lru_cache(maxsize=None)
 def float32_dot_precision(device: torch.device) -> str:
     """How the kernels multiply float32 tiles on ``device`` (``tl.dot``'s ``input_precision``).
@@ -235,10 +230,42 @@ def weighted_sums_by_product(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16
 
 
-def _flags(q, g, chunk_size):
-    """The compile-time switches both kernels share (``g``: see :func:`masked_operator`)."""
-    return dict(HAS_DECAY=g is not None, SCALAR_DECAY=g is not None and g.dim() == 1, CHUNK=chunk_size,
-                PRECISION=float32_dot_precision(q.device) if q.dtype == torch.float32 else "tf32")
+def _precision(t) -> str:
+    """``tl.dot``'s input precision for the kernels' tiles of ``t``'s dtype (ignored for 16-bit)."""
+    return float32_dot_precision(t.device) if t.dtype == torch.float32 else "tf32"
+
+
+def _decay_kind(g) -> tuple:
+    """``(HAS_DECAY, SCALAR_DECAY)`` for the decays ``g`` (see :func:`masked_operator`)."""
+    return g is not None, g is not None and g.dim() == 1
+
+
+# The launch options of each configuration, made once (fast_launch.LaunchOptions): building the
+# constexpr values afresh on every call was a few µs of a launch's host time. They are cached on
+# everything they hold, the tiles, warps and stages of launch_config included, so that a launch's
+# grid and its options always come from the same configuration.
+@functools.lru_cache(maxsize=4096)
+def _states_options(DK: int, DV: int, chunk_size: int, dtype, precision: str, has_decay: bool, scalar_decay: bool,
+                    first_direction: int, with_z: bool, with_u: bool, with_w: bool, shift_values: bool,
+                    segmented: bool, block_dk: int, block_dv: int, warps: int, stages: int):
+    return _launch_states.options(
+        num_warps=warps, num_stages=stages, FIRST_DIRECTION=first_direction, HAS_DECAY=has_decay,
+        SCALAR_DECAY=scalar_decay, WITH_Z=with_z, WITH_U=with_u, WITH_W=with_w, SEGMENTED=segmented,
+        CHUNK=chunk_size, DK=DK, DV=DV, BLOCK_DK=block_dk, BLOCK_DV=block_dv, PRECISION=precision,
+        WEIGHTS_BY_PRODUCT=weighted_sums_by_product(dtype), SHIFT_VALUES=shift_values, **shift_constants(dtype))
+
+
+@functools.lru_cache(maxsize=4096)
+def _output_options(DK: int, DV: int, chunk_size: int, precision: str, has_decay: bool, scalar_decay: bool,
+                    lower: bool, upper: bool, with_den: bool, normalize: bool, row_offset: bool, col_offset: bool,
+                    split: bool, transposed_state: bool, shift: int, shifted: bool, twin: bool, carries: bool,
+                    persistent: bool, block_dv: int, block_dv2: int, warps: int, stages: int, loop_stages: int):
+    return _launch_output.options(
+        num_warps=warps, num_stages=stages, LOWER=lower, UPPER=upper, HAS_DECAY=has_decay, SCALAR_DECAY=scalar_decay,
+        WITH_DEN=with_den, NORMALIZE=normalize, ROW_OFFSET=row_offset, COL_OFFSET=col_offset, SPLIT=split,
+        TRANSPOSED_STATE=transposed_state, SHIFT=shift, SHIFTED=shifted, TWIN=twin, CARRIES=carries,
+        CHUNK=chunk_size, DK=DK, DV=DV, BLOCK_DV=block_dv, BLOCK_DV2=block_dv2, PRECISION=precision,
+        PERSISTENT=persistent, LOOP_STAGES=loop_stages)
 
 
 def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: bool = False,
@@ -283,25 +310,24 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
     if segments > 1:
         ends = torch.empty(slots, BH, segments, end_record_size(DK, DV), **f32)
         gamma = torch.empty(slots, BH, N, **f32) if g is not None else None
-    switches = dict(FIRST_DIRECTION=0 if lower else 1, WITH_Z=with_z, WITH_U=with_u, WITH_W=col_offset is not None,
-                    DK=DK, DV=DV)
-    _launch_states(
-        (BH, (DK // cfg["states_block_dk"]) * (DV // cfg["states_block_dv"]), slots * segments),
-        k, v, _or_dummy(g, k), _or_dummy(col_offset, k), st.S, *(_or_dummy(t, k) for t in st[1:4]),
-        _or_dummy(ends, k), _or_dummy(gamma, k), _or_dummy(value_stats, k), _or_dummy(shift_out, k), L, N,
-        0 if value_stats is None else value_stats.shape[1], seg_chunks, SEGMENTED=segments > 1,
-        SHIFT_VALUES=shift_out is not None, **shift_constants(v.dtype), **switches,
-        BLOCK_DK=cfg["states_block_dk"], BLOCK_DV=cfg["states_block_dv"], num_warps=cfg["states_warps"],
-        num_stages=cfg["states_stages"], WEIGHTS_BY_PRODUCT=weighted_sums_by_product(v.dtype), **_flags(k, g, chunk_size))
+    has_decay, scalar_decay = _decay_kind(g)
+    options = _states_options(DK, DV, chunk_size, v.dtype, _precision(k), has_decay, scalar_decay, 0 if lower else 1,
+                              with_z, with_u, col_offset is not None, shift_out is not None, segments > 1,
+                              cfg["states_block_dk"], cfg["states_block_dv"], cfg["states_warps"], cfg["states_stages"])
+    # Pointers a configuration never reads are None: Triton compiles them away.
+    _launch_states.launch(
+        (BH, (DK // cfg["states_block_dk"]) * (DV // cfg["states_block_dv"]), slots * segments), options,
+        (k, v, g, col_offset, *st[:4], ends, gamma, value_stats, shift_out),
+        (L, N, 0 if value_stats is None else value_stats.shape[1], seg_chunks))
     if segments > 1:
         starts = None
         if fold_carries:
             starts = SegmentStarts(torch.empty(slots, BH, segments, DK, DV, **f32),
                                    torch.empty(slots, BH, segments, DK, **f32) if with_z else None, gamma, seg_chunks)
-        _launch_carries((BH, segments, slots), st.S, *(_or_dummy(t, k) for t in st[1:4]), ends, _or_dummy(gamma, k),
-                        *((starts.C, _or_dummy(starts.z, k)) if fold_carries else (k, k)), N, seg_chunks,
-                        HAS_DECAY=g is not None, **switches, BLOCK_DV=min(DV, 64), STARTS_ONLY=fold_carries,
-                        num_warps=8 if DK > 128 else 4, num_stages=1)
+        _launch_carries((BH, segments, slots), *st[:4], ends, gamma, *(starts[:2] if fold_carries else (None, None)),
+                        N, seg_chunks, HAS_DECAY=has_decay, FIRST_DIRECTION=0 if lower else 1, WITH_Z=with_z,
+                        WITH_U=with_u, WITH_W=col_offset is not None, DK=DK, DV=DV, BLOCK_DV=min(DV, 64),
+                        STARTS_ONLY=fold_carries, num_warps=8 if DK > 128 else 4, num_stages=1)
         st = st._replace(starts=starts)
     return st
 
@@ -395,12 +421,12 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
     BH, L, DK = q.shape
     DV = v.shape[-1]
     N = ceil_div(L, chunk_size)
-    cfg = launch_config(DK, DV, chunk_size)
     f32 = dict(device=q.device, dtype=torch.float32)
     offset = row_offset if row_offset is not None else col_offset
     if out is None:
         out = torch.empty(BH, L, DV, device=q.device, dtype=v.dtype)
-    check_rows(out, "out", BH, L, DV, v.dtype, q.device, output=True)
+    else:
+        check_rows(out, "out", BH, L, DV, v.dtype, q.device, output=True)
     if shifted_out is not None:
         check_rows(shifted_out, "shifted_out", BH, L, DV, v.dtype, q.device, output=True)
     if out2 is not None and q2 is None:
@@ -408,29 +434,32 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
     if q2 is not None and shifted_out is not None:  # the two share the kernel's second layout
         raise ValueError("the twin (q2) and shifted_out cannot be asked of one launch")
     if q2 is not None:
-        out2 = torch.empty(BH, L, DK, device=q.device, dtype=k.dtype) if out2 is None else out2
-        check_rows(out2, "out2", BH, L, DK, k.dtype, q.device, output=True)
+        if out2 is None:
+            out2 = torch.empty(BH, L, DK, device=q.device, dtype=k.dtype)
+        else:
+            check_rows(out2, "out2", BH, L, DK, k.dtype, q.device, output=True)
     second = shifted_out if shifted_out is not None else out2  # never both: SHIFTED centres v, the twin q
     H = heads(out, second)
     den = torch.empty(BH, L, **f32) if with_den else None
     dots = (torch.empty(BH, L, **f32), torch.empty(BH, L, **f32)) if partner is not None else None
+    cfg = launch_config(DK, DV, chunk_size)
     if persistent:  # a few programs per multiprocessor, each looping over chunks
         grid = (min(N * BH, cfg["output_programs_per_sm"] * _multiprocessors(q.device)),)
     else:  # one program per chunk
         grid = (N, BH)
-    _launch_output(
-        grid, q, k, v, *(_or_dummy(t, q) for t in (g, offset)), states.S, *(_or_dummy(t, q) for t in states[1:4]),
-        _or_dummy(partner, q), out, _or_dummy(den, q), *(dots if dots is not None else (q, q)),
-        _or_dummy(shift, q), _or_dummy(shifted_out, q), _or_dummy(q2, q), _or_dummy(out2, q),
-        *((starts.C, _or_dummy(starts.z, q), _or_dummy(starts.gamma, q)) if starts is not None else (q, q, q)), L, N, BH,
-        1 if starts is None else starts.seg_chunks, H, *row_strides(out, H),
-        *(row_strides(second, H) if second is not None else (0, 0, 0)),
-        LOWER=lower, UPPER=upper, WITH_DEN=with_den, NORMALIZE=normalize,
-        ROW_OFFSET=row_offset is not None, COL_OFFSET=col_offset is not None, SPLIT=partner is not None,
-        TRANSPOSED_STATE=transposed_state, SHIFT=0 if shift is None else ("q", "k", "v").index(shifted) + 1,
-        SHIFTED=shifted_out is not None, TWIN=q2 is not None, CARRIES=starts is not None, DK=DK, DV=DV, BLOCK_DV=cfg["output_block_dv"],
-        BLOCK_DV2=launch_config(DV, DK, chunk_size)["output_block_dv"], PERSISTENT=persistent, LOOP_STAGES=cfg["output_loop_stages"],
-        num_warps=cfg["output_warps"], num_stages=cfg["output_stages"], **_flags(q, g, chunk_size))
+    options = _output_options(DK, DV, chunk_size, _precision(q), *_decay_kind(g), lower, upper, with_den, normalize,
+                              row_offset is not None, col_offset is not None, partner is not None, transposed_state,
+                              0 if shift is None else ("q", "k", "v").index(shifted) + 1, shifted_out is not None,
+                              q2 is not None, starts is not None, persistent, cfg["output_block_dv"],
+                              launch_config(DV, DK, chunk_size)["output_block_dv"], cfg["output_warps"],
+                              cfg["output_stages"], cfg["output_loop_stages"])
+    # Pointers a configuration never reads are None: Triton compiles them away.
+    _launch_output.launch(
+        grid, options,
+        (q, k, v, g, offset, *states[:4], partner, out, den, *(dots or (None, None)), shift, shifted_out, q2, out2,
+         *((starts.C, starts.z, starts.gamma) if starts is not None else (None, None, None))),
+        (L, N, BH, 1 if starts is None else starts.seg_chunks, H, *row_strides(out, H),
+         *(row_strides(second, H) if second is not None else (0, 0, 0))))
     return out, den, dots, out2
 
 

@@ -51,6 +51,8 @@ def _overlaps(t: torch.Tensor) -> bool:
     """Whether two indices of ``t`` may share an element (a broadcast dimension, or strides that
     interleave): the dimensions of size above 1, by increasing stride, must each step past the
     whole extent of the ones before."""
+    if t.is_contiguous():
+        return False
     extent = 1
     for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
         if stride < extent:

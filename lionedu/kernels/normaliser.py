@@ -11,6 +11,8 @@ One pass over ``dy`` and ``y``: every program takes ``ROWS`` rows of the flatten
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -51,6 +53,12 @@ def normaliser_gradient_kernel(
 _launch = Launcher(normaliser_gradient_kernel)
 
 
+@functools.lru_cache(maxsize=64)
+def _options(DV: int, rows: int):
+    """The launch options (fast_launch.LaunchOptions), made once per configuration."""
+    return _launch.options(num_warps=4, DV=DV, ROWS=rows)
+
+
 def normaliser_gradient(dy: torch.Tensor, y: torch.Tensor, den: torch.Tensor):
     """``y: [BH, L, DV]`` contiguous (DV a power of two), ``dy`` of its dtype: ``[BH, L, DV]``
     contiguous or ``[B, H, L, DV]`` with ``B * H = BH`` and last stride 1 (:mod:`.layout`),
@@ -60,6 +68,5 @@ def normaliser_gradient(dy: torch.Tensor, y: torch.Tensor, den: torch.Tensor):
     H = heads(dy)
     dn = torch.empty_like(y)
     dc = torch.empty(BH, L, device=y.device, dtype=torch.float32)
-    _launch((ceil_div(BH * L, ROWS),), dy, y, den, dn, dc, BH * L, L, H, *row_strides(dy, H), DV=DV, ROWS=ROWS,
-            num_warps=4)
+    _launch.launch((ceil_div(BH * L, ROWS),), _options(DV, ROWS), (dy, y, den, dn, dc), (BH * L, L, H, *row_strides(dy, H)))
     return dn, dc
