@@ -75,6 +75,13 @@ def test_options_made_once_launch_as_the_call_does(fast):
     assert first.runs == [(3, 1, 1, 7, "handle", "metadata", None, None, None, x, 16, 5, 0)]
 
 
+def test_a_tensor_after_a_scalar_is_refused(fast):
+    """Scalars are keyed by value: a tensor among them would be keyed by identity and never found again."""
+    launch = Launcher(FakeKernel(names=("n", "x", "A", "B"), constexpr=(False, False, True, True)))
+    with pytest.raises(TypeError, match="tensor arguments first"):
+        launch((1,), 16, torch.zeros(2), A=0, B=0)
+
+
 def test_the_cache_of_configurations_is_bounded(fast, monkeypatch):
     monkeypatch.setattr(fast_launch, "MAX_CONFIGURATIONS", 2)
     kernel = FakeKernel()

@@ -14,7 +14,7 @@ made of what that specialisation depends on (device, launch options, constexpr v
 pointer its dtype and alignment, and the scalar arguments by value: :meth:`Launcher.key`), and
 afterwards launches it directly. A new key goes through ``kernel[grid]`` once, which
 compiles when needed, so the first call of each configuration is an ordinary Triton call.
-The launch sites that run on every step make their :class:`LaunchOptions` once per
+The launch sites of the attention kernels make their :class:`LaunchOptions` once per
 configuration and pass ``None`` for the pointers a configuration never reads, which Triton
 compiles away (a stand-in tensor in their place was one more entry in every key).
 
@@ -33,8 +33,6 @@ import torch
 import triton
 
 __all__ = ["Launcher", "LaunchOptions", "fast_launch_enabled", "set_fast_launch"]
-
-_Tensor = torch.Tensor
 
 _enabled: bool | None = None  # decided on the first launch (None: not yet)
 
@@ -141,6 +139,8 @@ class Launcher:
         pointers = 0  # the leading tensor (or None) arguments
         while pointers < len(args) and (args[pointers] is None or isinstance(args[pointers], torch.Tensor)):
             pointers += 1
+        if any(isinstance(a, torch.Tensor) for a in args[pointers:]):
+            raise TypeError(f"{self.kernel}: the launcher takes the tensor arguments first, then the scalars")
         return self.launch(grid, self.options(num_warps, num_stages, **constexprs), args[:pointers], args[pointers:])
 
     @staticmethod
@@ -159,17 +159,14 @@ class Launcher:
         """Launch with ``options`` (:meth:`options`) on ``grid``; ``pointers`` and ``scalars``
         (tuples): the runtime arguments in signature order. Returns the compiled kernel."""
         if options.key is None or not fast_launch_enabled() or _hooks_installed():
-            return self.kernel[grid](*pointers, *scalars, num_warps=options.num_warps, num_stages=options.num_stages,
-                                     **options.constexprs)
+            return self._through_triton(grid, options, pointers, scalars)
         device = _current_device()
         key = self.key(device, options, pointers, scalars)
         compiled = self._compiled.get(key)
         if compiled is None:  # first call of this configuration: Triton's path, which may compile
             if len(self._compiled) >= MAX_CONFIGURATIONS:
                 self._compiled.clear()
-            compiled = self.kernel[grid](*pointers, *scalars, num_warps=options.num_warps,
-                                         num_stages=options.num_stages, **options.constexprs)
-            self._compiled[key] = compiled
+            compiled = self._compiled[key] = self._through_triton(grid, options, pointers, scalars)
             return compiled
         grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
         try:
@@ -179,6 +176,10 @@ class Launcher:
                          compiled.packed_metadata, None, None, None, *pointers, *scalars, *options.meta)
         except TypeError:  # a launcher with another signature: fall back for good
             set_fast_launch(False)
-            return self.kernel[grid](*pointers, *scalars, num_warps=options.num_warps,
-                                     num_stages=options.num_stages, **options.constexprs)
+            return self._through_triton(grid, options, pointers, scalars)
         return compiled
+
+    def _through_triton(self, grid, options: LaunchOptions, pointers, scalars):
+        """The ordinary launch, ``kernel[grid](...)``: Triton's own path, which compiles when needed."""
+        return self.kernel[grid](*pointers, *scalars, num_warps=options.num_warps, num_stages=options.num_stages,
+                                 **options.constexprs)

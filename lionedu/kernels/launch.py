@@ -242,17 +242,17 @@ def _decay_kind(g) -> tuple:
 
 # The launch options of each configuration, made once (fast_launch.LaunchOptions): building the
 # constexpr values afresh on every call was a few µs of a launch's host time. They are cached on
-# everything they hold, the tiles, warps and stages of launch_config included, so that a launch's
-# grid and its options always come from the same configuration.
+# every value they hold, computed by the caller (launch_config's tiles, warps and stages, the
+# rules' choices), never read inside: a launch's grid and its options come from one configuration.
 @functools.lru_cache(maxsize=4096)
 def _states_options(DK: int, DV: int, chunk_size: int, dtype, precision: str, has_decay: bool, scalar_decay: bool,
                     first_direction: int, with_z: bool, with_u: bool, with_w: bool, shift_values: bool,
-                    segmented: bool, block_dk: int, block_dv: int, warps: int, stages: int):
+                    segmented: bool, weights_by_product: bool, block_dk: int, block_dv: int, warps: int, stages: int):
     return _launch_states.options(
         num_warps=warps, num_stages=stages, FIRST_DIRECTION=first_direction, HAS_DECAY=has_decay,
         SCALAR_DECAY=scalar_decay, WITH_Z=with_z, WITH_U=with_u, WITH_W=with_w, SEGMENTED=segmented,
         CHUNK=chunk_size, DK=DK, DV=DV, BLOCK_DK=block_dk, BLOCK_DV=block_dv, PRECISION=precision,
-        WEIGHTS_BY_PRODUCT=weighted_sums_by_product(dtype), SHIFT_VALUES=shift_values, **shift_constants(dtype))
+        WEIGHTS_BY_PRODUCT=weights_by_product, SHIFT_VALUES=shift_values, **shift_constants(dtype))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -313,7 +313,8 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
     has_decay, scalar_decay = _decay_kind(g)
     options = _states_options(DK, DV, chunk_size, v.dtype, _precision(k), has_decay, scalar_decay, 0 if lower else 1,
                               with_z, with_u, col_offset is not None, shift_out is not None, segments > 1,
-                              cfg["states_block_dk"], cfg["states_block_dv"], cfg["states_warps"], cfg["states_stages"])
+                              weighted_sums_by_product(v.dtype), cfg["states_block_dk"], cfg["states_block_dv"],
+                              cfg["states_warps"], cfg["states_stages"])
     # Pointers a configuration never reads are None: Triton compiles them away.
     _launch_states.launch(
         (BH, (DK // cfg["states_block_dk"]) * (DV // cfg["states_block_dv"]), slots * segments), options,
