@@ -93,12 +93,12 @@ def test_the_cache_of_configurations_is_bounded(fast, monkeypatch):
     assert len(kernel.calls) == 4  # 16 was dropped when the cache started afresh at 18
 
 
-@pytest.mark.parametrize("change", ["dtype", "alignment", "none", "int", "constexpr", "warps"])
+@pytest.mark.parametrize("change", ["dtype", "alignment", "none", "int", "bool", "constexpr", "warps"])
 def test_a_new_specialisation_goes_through_triton(fast, change):
     kernel = FakeKernel()
     launch = Launcher(kernel)
     x = torch.zeros(8)
-    args, kw = [x, 32], dict(A=1, B="ieee", num_warps=4, num_stages=3)
+    args, kw = [x, 1 if change == "bool" else 32], dict(A=1, B="ieee", num_warps=4, num_stages=3)
     launch((1,), *args, **kw)
     if change == "dtype":
         args[0] = x.double()
@@ -108,6 +108,8 @@ def test_a_new_specialisation_goes_through_triton(fast, change):
         args[0] = None
     elif change == "int":
         args[1] = 33
+    elif change == "bool":  # equal to 1 in Python, another type to Triton
+        args[1] = True
     elif change == "constexpr":
         kw["A"] = 2
     else:

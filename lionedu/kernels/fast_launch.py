@@ -149,11 +149,12 @@ class Launcher:
 
         The device, the options (warps, stages, constexpr values), per pointer its dtype and
         whether its address is a multiple of 16 bytes (``None`` for one that is compiled away), and
-        the scalars by value: finer than Triton's own key for integers (whether each is 1, a
-        multiple of 16, fits in 32 bits), so a new value costs one call through Triton, which
-        finds the compiled kernel in its own cache; in exchange the tuple of scalars costs no
-        Python per element."""
-        return (device, options.key, scalars, *[p if p is None else (p.dtype, not p.data_ptr() & 15) for p in pointers])
+        the scalars by value and type (``True`` and ``1`` are equal in Python, not to Triton): finer
+        than Triton's own key for integers (whether each is 1, a multiple of 16, fits in 32 bits),
+        so a new value costs one call through Triton, which finds the compiled kernel in its own
+        cache; in exchange the scalars cost no Python per element."""
+        return (device, options.key, scalars, tuple(map(type, scalars)),
+                *[p if p is None else (p.dtype, not p.data_ptr() & 15) for p in pointers])
 
     def launch(self, grid, options: LaunchOptions, pointers, scalars=()):
         """Launch with ``options`` (:meth:`options`) on ``grid``; ``pointers`` and ``scalars``
