@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .fast_launch import Launcher
 from . import launch
-from .launch import ceil_div, float32_dot_precision
+from .launch import ceil_div, tile_dot_precision
 from .layout import check_rows, heads, row_offsets, row_strides
 
 __all__ = ["lit_forward"]
@@ -108,7 +108,7 @@ def lit_forward(q, k, v, normalize: bool, out=None):
     DV = v.shape[-1]
     block_dk, block_dv = min(DK, TILE), min(DV, TILE)
     tiles = (DK // block_dk) * (DV // block_dv)
-    precision = float32_dot_precision(q.device) if q.dtype == torch.float32 else "tf32"
+    precision = tile_dot_precision(q)
     # Blocks of rows for the sums: enough programs for about two per multiprocessor, each at
     # least one step of ROWS rows.
     chunks = ceil_div(L, ROWS)

@@ -27,7 +27,7 @@ _launch_output = Launcher(chunk_output_kernel)
 
 __all__ = ["States", "SegmentStarts", "padded_chunk_sums", "chunk_states", "chunk_outputs", "masked_operator",
            "launch_config", "states_plan", "persistent_outputs", "twin_outputs", "chunk_outputs_and_twin",
-           "float32_dot_precision", "ceil_div", "next_power_of_2"]
+           "float32_dot_precision", "tile_dot_precision", "ceil_div", "next_power_of_2"]
 
 
 MIN_SEGMENT_CHUNKS = 8  # a walk is cut into segments of at least this many chunks (states_plan)
@@ -230,8 +230,9 @@ def weighted_sums_by_product(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16
 
 
-def _precision(t) -> str:
-    """``tl.dot``'s input precision for the kernels' tiles of ``t``'s dtype (ignored for 16-bit)."""
+def tile_dot_precision(t) -> str:
+    """``tl.dot``'s ``input_precision`` for the kernels' tiles of tensor ``t``: :func:`float32_dot_precision`
+    of its device for float32, else ``"tf32"`` (which 16-bit tiles ignore)."""
     return float32_dot_precision(t.device) if t.dtype == torch.float32 else "tf32"
 
 
@@ -311,10 +312,10 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
         ends = torch.empty(slots, BH, segments, end_record_size(DK, DV), **f32)
         gamma = torch.empty(slots, BH, N, **f32) if g is not None else None
     has_decay, scalar_decay = _decay_kind(g)
-    options = _states_options(DK, DV, chunk_size, v.dtype, _precision(k), has_decay, scalar_decay, 0 if lower else 1,
-                              with_z, with_u, col_offset is not None, shift_out is not None, segments > 1,
-                              weighted_sums_by_product(v.dtype), cfg["states_block_dk"], cfg["states_block_dv"],
-                              cfg["states_warps"], cfg["states_stages"])
+    options = _states_options(DK, DV, chunk_size, v.dtype, tile_dot_precision(k), has_decay, scalar_decay,
+                              0 if lower else 1, with_z, with_u, col_offset is not None, shift_out is not None,
+                              segments > 1, weighted_sums_by_product(v.dtype), cfg["states_block_dk"],
+                              cfg["states_block_dv"], cfg["states_warps"], cfg["states_stages"])
     # Pointers a configuration never reads are None: Triton compiles them away.
     _launch_states.launch(
         (BH, (DK // cfg["states_block_dk"]) * (DV // cfg["states_block_dv"]), slots * segments), options,
@@ -448,12 +449,12 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
         grid = (min(N * BH, cfg["output_programs_per_sm"] * _multiprocessors(q.device)),)
     else:  # one program per chunk
         grid = (N, BH)
-    options = _output_options(DK, DV, chunk_size, _precision(q), *_decay_kind(g), lower, upper, with_den, normalize,
-                              row_offset is not None, col_offset is not None, partner is not None, transposed_state,
-                              0 if shift is None else ("q", "k", "v").index(shifted) + 1, shifted_out is not None,
-                              q2 is not None, starts is not None, persistent, cfg["output_block_dv"],
-                              launch_config(DV, DK, chunk_size)["output_block_dv"], cfg["output_warps"],
-                              cfg["output_stages"], cfg["output_loop_stages"])
+    options = _output_options(DK, DV, chunk_size, tile_dot_precision(q), *_decay_kind(g), lower, upper, with_den,
+                              normalize, row_offset is not None, col_offset is not None, partner is not None,
+                              transposed_state, 0 if shift is None else ("q", "k", "v").index(shifted) + 1,
+                              shifted_out is not None, q2 is not None, starts is not None, persistent,
+                              cfg["output_block_dv"], launch_config(DV, DK, chunk_size)["output_block_dv"],
+                              cfg["output_warps"], cfg["output_stages"], cfg["output_loop_stages"])
     # Pointers a configuration never reads are None: Triton compiles them away.
     _launch_output.launch(
         grid, options,

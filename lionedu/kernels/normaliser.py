@@ -68,5 +68,6 @@ def normaliser_gradient(dy: torch.Tensor, y: torch.Tensor, den: torch.Tensor):
     H = heads(dy)
     dn = torch.empty_like(y)
     dc = torch.empty(BH, L, device=y.device, dtype=torch.float32)
-    _launch.launch((ceil_div(BH * L, ROWS),), _options(DV, ROWS), (dy, y, den, dn, dc), (BH * L, L, H, *row_strides(dy, H)))
+    _launch.launch((ceil_div(BH * L, ROWS),), _options(DV, ROWS), (dy, y, den, dn, dc),
+                   (BH * L, L, H, *row_strides(dy, H)))
     return dn, dc
