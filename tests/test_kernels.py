@@ -607,6 +607,79 @@ def test_outputs_and_twin(L, widths, decay, triangles, offset, transposed, seed)
         assert dots is None
 
 
+@settings(max_examples=10, deadline=None)
+@given(L=st.integers(1, 100), widths=st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2])),
+       decay=st.sampled_from(["lit", "d", "s"]), triangles=st.sampled_from([(True, True), (True, False), (False, True)]),
+       persistent=st.booleans(), heads_layout=st.booleans(), partner=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_outputs_through_normaliser(L, widths, decay, triangles, persistent, heads_layout, partner, seed):
+    """``chunk_outputs_through_normaliser``: one launch makes the queries ``dN = dy / c`` and the row
+    offsets ``dc = -(dy . y) / c`` from the output gradient as it loads it, stores both, and makes
+    the operator with them; against the explicit mask in float64, and ``dN``, ``dc`` against the
+    normaliser's own kernel. ``dy`` flat or in a ``[B, L, H, W]`` caller's layout, either grid,
+    ``DK != DV`` where drawn, any length."""
+    from lionedu.kernels import launch
+    from lionedu.kernels.normaliser import normaliser_gradient
+
+    DK, DV = (w * (64 if DEVICE == "cuda" else 16) for w in widths)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    B, H, C = 2, 2, 16
+    BH = B * H
+    rand = lambda *s: 2 * torch.rand(*s, generator=gen, device=DEVICE) - 1  # noqa: E731
+    k, v, y, p = rand(BH, L, DK), rand(BH, L, DV), rand(BH, L, DK), rand(BH, L, DV)
+    den = 0.5 + torch.rand(BH, L, generator=gen, device=DEVICE)
+    dy = rand(B, L, H, DK).transpose(1, 2) if heads_layout else rand(BH, L, DK)
+    per_sequence = -torch.rand(BH, generator=gen, device=DEVICE) - 1e-3
+    per_token = {"lit": torch.zeros(BH, L, device=DEVICE), "d": per_sequence[:, None].expand(BH, L),
+                 "s": -2 * torch.rand(BH, L, generator=gen, device=DEVICE)}[decay]
+    g = {"lit": None, "d": per_sequence, "s": launch.padded_chunk_sums(per_token, C)}[decay]
+    lower, upper = triangles
+    opts = dict(lower=lower, upper=upper, chunk_size=C)
+    states = launch.chunk_states(k, v, g, with_u=True, **opts)
+    out, dots, dn, dc = launch.chunk_outputs_through_normaliser(dy, y, den, k, v, g, states,
+                                                                partner=p if partner else None,
+                                                                persistent=persistent, **opts)
+    dy64 = dy.double().reshape(BH, L, DK)
+    dn_ref, dc_ref = dy64 / den.double()[..., None], -(dy64 * y.double()).sum(-1) / den.double()
+    assert dn.shape == (BH, L, DK) and dn.dtype == dy.dtype and dc.shape == (BH, L) and dc.dtype == torch.float32
+    assert _rel(dn, dn_ref) < 1e-6 and _rel(dc, dc_ref) < 1e-6
+    for got, alone in zip((dn, dc), normaliser_gradient(dy, y, den)):
+        assert _rel(got, alone) < 1e-6
+    ref, ref_dots = _operator_reference(dn_ref, k, v, per_token, lower, upper, a=dc_ref, partner=p if partner else None)
+    assert _rel(out, ref) < 1e-5
+    if partner:
+        for got, want in zip(dots, ref_dots):
+            assert float((got.double() - want).norm()) <= 1e-5 * max(float(want.norm()), float(ref.norm()))
+    else:
+        assert dots is None
+
+
+def test_outputs_through_normaliser_refuse_bad_inputs():
+    """The saved output ``y`` and the normaliser ``den`` of another shape, dtype or layout, and a
+    ``dy`` the kernel cannot read row by row: ``ValueError`` / ``TypeError`` naming the argument."""
+    from lionedu.kernels import launch
+
+    BH, L, C = 2, 20, 16
+    k, v, y, dy = (torch.rand(BH, L, d, device=DEVICE) for d in (16, 32, 16, 16))
+    den = torch.ones(BH, L, device=DEVICE)
+    opts = dict(lower=True, upper=True, chunk_size=C)
+    states = launch.chunk_states(k, v, None, with_u=True, **opts)
+    call = lambda dy=dy, y=y, den=den: launch.chunk_outputs_through_normaliser(dy, y, den, k, v, None, states, **opts)  # noqa: E731
+    with pytest.raises(ValueError, match=r"y must be a contiguous \[BH, L, DK\] = \[2, 20, 16\]"):
+        call(y=y[:, :10])
+    with pytest.raises(ValueError, match="y must be a contiguous"):
+        call(y=y.double())
+    with pytest.raises(ValueError, match="y must be a contiguous"):
+        call(y=y.transpose(0, 1).contiguous().transpose(0, 1))
+    with pytest.raises(ValueError, match=r"den must be a contiguous \[BH, L\] = \[2, 20\] float32"):
+        call(den=den.double())
+    with pytest.raises(ValueError, match="den must be"):
+        call(den=den[:, :5])
+    with pytest.raises(TypeError, match="y and den must be tensors"):
+        call(den=1.0)
+    with pytest.raises(ValueError, match="dy must be"):
+        call(dy=dy[:, :, :8])
+
+
 def test_twin_queries_must_meet_the_values():
     """The twin's queries ``q2`` meet the values ``v`` (they are its keys): another width, another
     dtype or a non-contiguous tensor (the kernel reads it as contiguous rows) is refused by name,

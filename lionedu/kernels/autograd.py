@@ -51,9 +51,8 @@ import torch.nn.functional as F
 
 from .centring import centred_copy, value_stats
 from .decay_gradient import decay_gradient
-from .launch import (States, chunk_outputs, chunk_outputs_and_twin, chunk_states, next_power_of_2, padded_chunk_sums,
-                     persistent_outputs, twin_outputs)
-from .normaliser import normaliser_gradient
+from .launch import (States, chunk_outputs, chunk_outputs_and_twin, chunk_outputs_through_normaliser, chunk_states,
+                     next_power_of_2, padded_chunk_sums, persistent_outputs, twin_outputs)
 
 __all__ = ["ChunkwiseAttention", "Saved", "attention_forward", "attention_backward", "chunk_log_decay_sums"]
 
@@ -171,14 +170,6 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
     B, H, D, Dv = shape
     L, p = v.shape[1], v.shape[-1]
     dy = dy.to(v.dtype)
-    if normalize and p == Dv and dy.stride(-1) == 1:
-        # the normaliser's gradient reads dy in the caller's layout, and writes dN flat
-        dn, dc = normaliser_gradient(dy, y.view(B * H, L, p), den)  # dN = dY / c, dc = -(dY . Y) / c
-    elif normalize:
-        dy = _flatten(dy, least)
-        dn, dc = normaliser_gradient(dy, y.view(dy.shape), den)
-    else:
-        dn, dc = _flatten(dy, least), None
     want_decay = want_decay and g is not None
     # Keys before the query (forward), after it (backward): for dQ as for attention;
     # dK and dV see the transposed mask, so in the causal case they take the keys after.
@@ -189,9 +180,18 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
 
     # dQ = A(dN, V, K) + row offset dc: the forward's states, read transposed (and V centred as
     # loaded, as in the forward, where normalised).
-    dq, _, r = chunk_outputs(dn, v, k, g, States(S, u=z), row_offset=dc, transposed_state=True,
-                             partner=q if want_decay else None, persistent=persistent, shift=shift, shifted="k",
-                             **plain)
+    dq_options = dict(transposed_state=True, partner=q if want_decay else None, persistent=persistent, shift=shift,
+                      shifted="k", **plain)
+    if normalize:
+        # The launch makes dN = dY / c and dc = -(dY . Y) / c as it loads its queries, reading dY in
+        # the caller's layout where it can, and stores both for the launches below.
+        if not (p == Dv and dy.stride(-1) == 1):
+            dy = _flatten(dy, least)
+        dq, r, dn, dc = chunk_outputs_through_normaliser(dy, y.view(B * H, L, p), den, v, k, g, States(S, u=z),
+                                                         **dq_options)
+    else:
+        dn, dc = _flatten(dy, least), None
+        dq, _, r = chunk_outputs(dn, v, k, g, States(S), **dq_options)
     # dV is written in the values' layout where asked (and not padded), so it needs no copy.
     dv_out = torch.empty_strided((B, H, L, Dv), dv_strides, dtype=v.dtype, device=v.device) \
         if dv_strides is not None and p == Dv else None

@@ -27,7 +27,8 @@ _launch_output = Launcher(chunk_output_kernel)
 
 __all__ = ["States", "SegmentStarts", "padded_chunk_sums", "chunk_states", "chunk_outputs", "masked_operator",
            "launch_config", "states_plan", "persistent_outputs", "twin_outputs", "chunk_outputs_and_twin",
-           "float32_dot_precision", "tile_dot_precision", "ceil_div", "next_power_of_2"]
+           "chunk_outputs_through_normaliser", "float32_dot_precision", "tile_dot_precision", "ceil_div",
+           "next_power_of_2"]
 
 
 MIN_SEGMENT_CHUNKS = 8  # a walk is cut into segments of at least this many chunks (states_plan)
@@ -260,12 +261,13 @@ def _states_options(DK: int, DV: int, chunk_size: int, dtype, precision: str, ha
 def _output_options(DK: int, DV: int, chunk_size: int, precision: str, has_decay: bool, scalar_decay: bool,
                     lower: bool, upper: bool, with_den: bool, normalize: bool, row_offset: bool, col_offset: bool,
                     split: bool, transposed_state: bool, shift: int, shifted: bool, twin: bool, carries: bool,
-                    persistent: bool, block_dv: int, block_dv2: int, warps: int, stages: int, loop_stages: int):
+                    normaliser_gradient: bool, persistent: bool, block_dv: int, block_dv2: int, warps: int,
+                    stages: int, loop_stages: int):
     return _launch_output.options(
         num_warps=warps, num_stages=stages, LOWER=lower, UPPER=upper, HAS_DECAY=has_decay, SCALAR_DECAY=scalar_decay,
         WITH_DEN=with_den, NORMALIZE=normalize, ROW_OFFSET=row_offset, COL_OFFSET=col_offset, SPLIT=split,
         TRANSPOSED_STATE=transposed_state, SHIFT=shift, SHIFTED=shifted, TWIN=twin, CARRIES=carries,
-        CHUNK=chunk_size, DK=DK, DV=DV, BLOCK_DV=block_dv, BLOCK_DV2=block_dv2, PRECISION=precision,
+        NORMALISER_GRADIENT=normaliser_gradient, CHUNK=chunk_size, DK=DK, DV=DV, BLOCK_DV=block_dv, BLOCK_DV2=block_dv2, PRECISION=precision,
         PERSISTENT=persistent, LOOP_STAGES=loop_stages)
 
 
@@ -395,14 +397,50 @@ def chunk_outputs_and_twin(q, k, v, g, states: States, q2, *, lower: bool, upper
     return out, dots, out2
 
 
+def chunk_outputs_through_normaliser(dy, y, den, k, v, g, states: States, *, lower: bool, upper: bool,
+                                     chunk_size: int, partner=None, transposed_state: bool = False,
+                                     persistent: bool = False, shift=None, shifted: str = "v"):
+    """:func:`chunk_outputs` whose queries and row offsets are the normaliser's gradient, made in the
+    same launch as they are loaded (the dQ operator of normalised attention, :mod:`.autograd`):
+    ``dN_i = dy_i / c_i`` and ``dc_i = -(dy_i . y_i) / c_i``, as :func:`.normaliser.normaliser_gradient`
+    makes them in a launch of its own.
+
+    ``dy``: the output gradient, ``[BH, L, DK]`` contiguous or ``[B, H, L, DK]`` with ``B * H = BH``
+    and last stride 1 (:mod:`.layout`); ``y``: the saved output ``[BH, L, DK]`` contiguous, of
+    ``dy``'s dtype; ``den``: the normaliser ``c [BH, L]`` float32, contiguous; ``k [BH, L, DK]``,
+    ``v [BH, L, DV]`` and the rest as for :func:`chunk_outputs` (``states`` with ``u``: the row
+    offsets meet the value sums).
+
+    Returns ``(out [BH, L, DV], dots or None, dN [BH, L, DK] in dy's dtype, dc [BH, L] float32)``:
+    ``dN`` and ``dc`` for the backward's later launches.
+    """
+    if not isinstance(y, torch.Tensor) or not isinstance(den, torch.Tensor):
+        raise TypeError(f"y and den must be tensors, got {type(y).__name__} and {type(den).__name__}")
+    BH, L, DK = k.shape
+    if tuple(y.shape) != (BH, L, DK) or not y.is_contiguous() or y.dtype != k.dtype or y.device != k.device:
+        raise ValueError(f"y must be a contiguous [BH, L, DK] = {[BH, L, DK]} tensor of k's dtype and device "
+                         f"({k.dtype}, {k.device}); got {list(y.shape)}, {y.dtype} on {y.device}")
+    if tuple(den.shape) != (BH, L) or not den.is_contiguous() or den.dtype != torch.float32 or den.device != k.device:
+        raise ValueError(f"den must be a contiguous [BH, L] = {[BH, L]} float32 tensor on {k.device}; got "
+                         f"{list(den.shape)}, {den.dtype} on {den.device}")
+    check_rows(dy, "dy", BH, L, DK, k.dtype, k.device)
+    out, _, dots, dn, dc = _outputs(dy, k, v, g, states, None, lower=lower, upper=upper, chunk_size=chunk_size,
+                                    partner=partner, transposed_state=transposed_state, persistent=persistent,
+                                    shift=shift, shifted=shifted, normaliser=(y, den))
+    return out, dots, dn, dc
+
+
 def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_size: int,
              normalize: bool = False, with_den: bool = False, row_offset=None, col_offset=None,
              partner=None, transposed_state: bool = False, out=None, persistent: bool = False,
-             shift=None, shifted: str = "v", shifted_out=None, out2=None):
-    """The launch behind :func:`chunk_outputs` and :func:`chunk_outputs_and_twin`, for ``q, k
-    [BH, L, DK]``, ``v [BH, L, DV]`` and the twin's queries ``q2 [BH, L, DV]`` or ``None``:
+             shift=None, shifted: str = "v", shifted_out=None, out2=None, normaliser=None):
+    """The launch behind :func:`chunk_outputs`, :func:`chunk_outputs_and_twin` and
+    :func:`chunk_outputs_through_normaliser`, for ``q, k [BH, L, DK]``, ``v [BH, L, DV]`` and the
+    twin's queries ``q2 [BH, L, DV]`` or ``None``; with ``normaliser = (y, den)``, ``q`` is the output
+    gradient ``dy``, in its layout, and the row offsets are made in the launch. Returns
     ``(out [BH, L, DV], den [BH, L] or None, dots or None, out2 [BH, L, DK] or None)``, ``out`` and
-    ``out2`` in the layouts they were given in (:mod:`.layout`)."""
+    ``out2`` in the layouts they were given in (:mod:`.layout`); with ``normaliser``, ``(out, None,
+    dots, dN, dc)``."""
     if shifted_out is not None and (shift is None or shifted != "v"):
         raise ValueError("shifted_out needs the values' shift (shift, shifted='v')")
     if row_offset is not None and col_offset is not None:
@@ -420,11 +458,16 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
                          "stored, on one program per chunk, without offsets or a twin")
     if starts is not None and (starts.gamma is None) != (g is None):
         raise ValueError("chunk_outputs needs the decays g that chunk_states walked with (states.starts)")
-    BH, L, DK = q.shape
+    BH, L, DK = k.shape
     DV = v.shape[-1]
     N = ceil_div(L, chunk_size)
     f32 = dict(device=q.device, dtype=torch.float32)
     offset = row_offset if row_offset is not None else col_offset
+    y = dn = None
+    if normaliser is not None:  # the kernel makes dN and the row offsets dc, and stores both
+        y, den_in = normaliser
+        dn = torch.empty(BH, L, DK, device=q.device, dtype=q.dtype)
+        offset = torch.empty(BH, L, **f32)
     if out is None:
         out = torch.empty(BH, L, DV, device=q.device, dtype=v.dtype)
     else:
@@ -440,9 +483,10 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
             out2 = torch.empty(BH, L, DK, device=q.device, dtype=k.dtype)
         else:
             check_rows(out2, "out2", BH, L, DK, k.dtype, q.device, output=True)
-    second = shifted_out if shifted_out is not None else out2  # never both: SHIFTED centres v, the twin q
+    # The kernel's second layout: never two of these (SHIFTED centres v, the twin q; dy needs neither).
+    second = shifted_out if shifted_out is not None else out2 if out2 is not None else q if normaliser else None
     H = heads(out, second)
-    den = torch.empty(BH, L, **f32) if with_den else None
+    den = torch.empty(BH, L, **f32) if with_den else den_in if normaliser is not None else None
     dots = (torch.empty(BH, L, **f32), torch.empty(BH, L, **f32)) if partner is not None else None
     cfg = launch_config(DK, DV, chunk_size)
     if persistent:  # a few programs per multiprocessor, each looping over chunks
@@ -450,18 +494,21 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
     else:  # one program per chunk
         grid = (N, BH)
     options = _output_options(DK, DV, chunk_size, tile_dot_precision(q), *_decay_kind(g), lower, upper, with_den,
-                              normalize, row_offset is not None, col_offset is not None, partner is not None,
-                              transposed_state, 0 if shift is None else ("q", "k", "v").index(shifted) + 1,
-                              shifted_out is not None, q2 is not None, starts is not None, persistent,
+                              normalize, offset is not None and col_offset is None, col_offset is not None,
+                              partner is not None, transposed_state,
+                              0 if shift is None else ("q", "k", "v").index(shifted) + 1, shifted_out is not None,
+                              q2 is not None, starts is not None, normaliser is not None, persistent,
                               cfg["output_block_dv"], launch_config(DV, DK, chunk_size)["output_block_dv"],
                               cfg["output_warps"], cfg["output_stages"], cfg["output_loop_stages"])
     # Pointers a configuration never reads are None: Triton compiles them away.
     _launch_output.launch(
         grid, options,
         (q, k, v, g, offset, *states[:4], partner, out, den, *(dots or (None, None)), shift, shifted_out, q2, out2,
-         *((starts.C, starts.z, starts.gamma) if starts is not None else (None, None, None))),
+         *((starts.C, starts.z, starts.gamma) if starts is not None else (None, None, None)), y, dn),
         (L, N, BH, 1 if starts is None else starts.seg_chunks, H, *row_strides(out, H),
          *(row_strides(second, H) if second is not None else (0, 0, 0))))
+    if normaliser is not None:
+        return out, None, dots, dn, offset
     return out, den, dots, out2
 
 

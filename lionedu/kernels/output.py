@@ -23,6 +23,10 @@ For the backward pass (book chapter 7, :mod:`.autograd`) the scores may carry a 
 offset, ``q_i . k_j + a_i`` (``ROW_OFFSET``) or ``q_i . k_j + b_j`` (``COL_OFFSET``), and with
 ``SPLIT`` the kernel also returns, for a ``partner`` tensor ``P``, the row dots
 ``P_i . (keys before i)`` and ``P_i . (keys after i)``: the decay gradient is built from them.
+With ``NORMALISER_GRADIENT`` (the dQ operator of normalised attention) the kernel makes its own
+queries and row offsets from the output gradient as it loads them, ``dN_i = dy_i / c_i`` and
+``dc_i = -(dy_i . y_i) / c_i`` (:mod:`.normaliser` is the same step as a kernel of its own), and
+stores both for the backward's later launches: one launch and one pass over ``dN`` fewer.
 
 The inputs are flat contiguous ``[BH, L, .]`` tensors. The outputs may also lie in the caller's
 own ``[B, H, L, .]`` layout (:mod:`.layout`): ``out``, and the second output (``shifted``, or the
@@ -98,6 +102,26 @@ def _key_sums(z_ptr, at, dk, start_z_ptr, gamma_ptr, N, seg_chunks, DK: tl.const
 
 
 @triton.jit
+def _normaliser_gradient_rows(dy_ptr, y_ptr, den_ptr, dn_ptr, dc_ptr, bh, L, rows, row_ok, dk, DK: tl.constexpr,
+                              H, dy_sb, dy_sh, dy_sl):
+    """``(dN, dc)`` of the rows ``rows`` of sequence ``bh``: ``dN_i = dy_i / c_i`` ``[C, DK]`` in the
+    inputs' dtype and ``dc_i = -(dy_i . y_i) / c_i`` ``[C]`` float32, from the output gradient ``dy``
+    (in its layout, :mod:`.layout`), the saved (centred) output ``y`` and the normaliser ``c``; both
+    also stored (``dn_ptr``, ``dc_ptr``, contiguous) for the launches after this one. The arithmetic
+    of :func:`.normaliser.normaliser_gradient_kernel`, row by row."""
+    at = (bh * L + rows[:, None]) * DK + dk[None, :]
+    dy_at = row_offsets(bh, rows, H, dy_sb, dy_sh, dy_sl)[:, None] + dk[None, :]
+    dy = tl.load(dy_ptr + dy_at, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + at, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    den = tl.load(den_ptr + bh * L + rows, mask=row_ok, other=1.0)
+    dn = (dy / den[:, None]).to(dn_ptr.dtype.element_ty)
+    dc = -tl.sum(dy * y, axis=1) / den
+    tl.store(dn_ptr + at, dn, mask=row_ok[:, None])
+    tl.store(dc_ptr + bh * L + rows, dc, mask=row_ok)
+    return dn, dc
+
+
+@triton.jit
 def _chunk_output(
     n, bh, BH, L, N,  # chunk n of sequence bh (int64), of BH sequences of L positions in N chunks
     q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr, out_ptr,
@@ -109,9 +133,11 @@ def _chunk_output(
     den_ptr=None, WITH_DEN: tl.constexpr = False, NORMALIZE: tl.constexpr = False,
     offset_ptr=None, u_ptr=None, w_ptr=None, ROW_OFFSET: tl.constexpr = False, COL_OFFSET: tl.constexpr = False,
     partner_ptr=None, dot_before_ptr=None, dot_after_ptr=None, SPLIT: tl.constexpr = False,
-    shift_ptr=None, SHIFT: tl.constexpr = 0, shifted_ptr=None, shifted_sb=0, shifted_sh=0, shifted_sl=0,
+    shift_ptr=None, SHIFT: tl.constexpr = 0, shifted_ptr=None,
+    second_sb=0, second_sh=0, second_sl=0,  # the layout of shifted_ptr, or of dy (NORMALISER_GRADIENT)
     SHIFTED: tl.constexpr = False,
     start_ptr=None, start_z_ptr=None, gamma_ptr=None, seg_chunks=1, CARRIES: tl.constexpr = False,
+    y_ptr=None, dn_ptr=None, NORMALISER_GRADIENT: tl.constexpr = False,
 ):
     """The output of chunk ``n`` of sequence ``bh``, all value columns, a tile of ``BLOCK_DV``
     at a time, so the ``C x C`` scores are computed once. Arguments: :func:`chunk_output_kernel`."""
@@ -121,7 +147,14 @@ def _chunk_output(
     row_ok = rows < L  # the last chunk may be shorter: its tail reads as 0 and is not stored
 
     # ---- Load the chunk: Q_n, K_n [C, DK] ------------------------------------------------------
-    q = tl.load(q_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
+    if NORMALISER_GRADIENT:  # the queries dN and the row offsets dc, made from dy as loaded
+        q, offset = _normaliser_gradient_rows(q_ptr, y_ptr, den_ptr, dn_ptr, offset_ptr, bh, L, rows, row_ok, dk, DK,
+                                              H, second_sb, second_sh, second_sl)
+    else:
+        q = tl.load(q_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
+        offset = tl.zeros([CHUNK], dtype=tl.float32)
+        if ROW_OFFSET or COL_OFFSET:
+            offset = tl.load(offset_ptr + bh * L + rows, mask=row_ok, other=0.0)
     k = tl.load(k_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
     if SHIFT == 1:  # the queries are the centred values (dK's operator)
         q = shifted_rows(q, tl.load(shift_ptr + bh * DK + dk), row_ok)
@@ -130,13 +163,10 @@ def _chunk_output(
 
     # ---- Scores of the C x C block, with the optional float32 offset ------------------------
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [C, C] float32
-    offset = tl.zeros([CHUNK], dtype=tl.float32)
-    if ROW_OFFSET or COL_OFFSET:
-        offset = tl.load(offset_ptr + bh * L + rows, mask=row_ok, other=0.0)
-        if ROW_OFFSET:
-            scores += offset[:, None]
-        else:
-            scores += offset[None, :]
+    if ROW_OFFSET:
+        scores += offset[:, None]
+    if COL_OFFSET:
+        scores += offset[None, :]
 
     # ---- The C x C block of the mask -----------------------------------------------------------
     # below (j < i): exp(g_i - g_j); above (j > i): exp(g_j - g_i); both exponents are <= 0.
@@ -185,7 +215,7 @@ def _chunk_output(
     # The inputs are flat [BH, L, .] tensors; the outputs may lie in the caller's layout (layout.py).
     out_rows = row_offsets(bh, rows, H, out_sb, out_sh, out_sl)
     if SHIFTED:
-        shifted_rows_at = row_offsets(bh, rows, H, shifted_sb, shifted_sh, shifted_sl)
+        shifted_rows_at = row_offsets(bh, rows, H, second_sb, second_sh, second_sl)
     for tile in range(0, DV // BLOCK_DV):
         dv = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
         out_at = (bh * L + rows[:, None]) * DV + dv[None, :]
@@ -250,10 +280,13 @@ def chunk_output_kernel(
     out2_ptr,  # TWIN: its output [BH, L, DK] in k's dtype, in the second output's layout
     start_ptr, start_z_ptr,  # CARRIES: each segment's C_p [slots, BH, P, DK, DV] and key sums [.., DK], float32
     gamma_ptr,  # CARRIES with decays: each state's log decay from its segment's edge [slots, BH, N] float32
+    y_ptr,  # NORMALISER_GRADIENT: the saved (centred) output [BH, L, DK], contiguous
+    dn_ptr,  # NORMALISER_GRADIENT, out: dN [BH, L, DK] in q's dtype, contiguous
     L, N, BH,  # sequence length, chunks per sequence, sequences
     seg_chunks,  # CARRIES: chunks per segment of the walk that made the states
     H, out_sb, out_sh, out_sl,  # out's layout (layout.py): [BH, L, DV] contiguous, or the caller's [B, H, L, DV]
-    second_sb, second_sh, second_sl,  # the same for the second output: shifted (SHIFTED) or out2 (TWIN)
+    second_sb, second_sh, second_sl,  # the same for the second output, shifted (SHIFTED) or out2 (TWIN), or for dy
+    # (NORMALISER_GRADIENT)
     LOWER: tl.constexpr,  # keys j < i count (forward state in slot 0)
     UPPER: tl.constexpr,  # keys j > i count (backward state in the next slot)
     HAS_DECAY: tl.constexpr,  # False for LIT: no exponentials
@@ -267,6 +300,8 @@ def chunk_output_kernel(
     SHIFTED: tl.constexpr,  # also store out + m (SHIFT == 3)
     TWIN: tl.constexpr,  # also the plain operator A(q2, v, k), the same states read the other way (not PERSISTENT)
     CARRIES: tl.constexpr,  # the states are a segmented walk's own: add the segments' carries (carries.py) as read
+    NORMALISER_GRADIENT: tl.constexpr,  # q_ptr holds dy: the queries are dN = dy / c and the row offsets (ROW_OFFSET)
+    # dc = -(dy . y) / c, with c read from den_ptr, and both are stored (dn_ptr; offset_ptr) as well as used
     CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,  # value columns per step of the tile loop
     BLOCK_DV2: tl.constexpr,  # the same for the twin operator's values (DK wide)
@@ -284,6 +319,8 @@ def chunk_output_kernel(
     tl.static_assert(not (TWIN and PERSISTENT), "the twin operator runs on one program per chunk")
     tl.static_assert(not (CARRIES and (TRANSPOSED_STATE or ROW_OFFSET or COL_OFFSET or TWIN)),
                      "a segmented walk's carries are added to states read as stored, without offsets or a twin")
+    tl.static_assert(not NORMALISER_GRADIENT or (ROW_OFFSET and not (WITH_DEN or SHIFTED or TWIN)),
+                     "the normaliser's gradient makes the row offsets, reads the normaliser and takes the second layout")
     if PERSISTENT:
         for t in tl.range(tl.program_id(0), N * BH, tl.num_programs(0), num_stages=LOOP_STAGES):
             _chunk_output(t % N, (t // N).to(tl.int64), BH, L, N, q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr, out_ptr,
@@ -292,7 +329,7 @@ def chunk_output_kernel(
                           den_ptr, WITH_DEN, NORMALIZE, offset_ptr, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
                           partner_ptr, dot_before_ptr, dot_after_ptr, SPLIT, shift_ptr, SHIFT,
                           shifted_ptr, second_sb, second_sh, second_sl, SHIFTED,
-                          start_ptr, start_z_ptr, gamma_ptr, seg_chunks, CARRIES)
+                          start_ptr, start_z_ptr, gamma_ptr, seg_chunks, CARRIES, y_ptr, dn_ptr, NORMALISER_GRADIENT)
     else:
         n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         _chunk_output(n, bh, BH, L, N, q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr, out_ptr,
@@ -301,7 +338,7 @@ def chunk_output_kernel(
                       den_ptr, WITH_DEN, NORMALIZE, offset_ptr, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
                       partner_ptr, dot_before_ptr, dot_after_ptr, SPLIT, shift_ptr, SHIFT,
                       shifted_ptr, second_sb, second_sh, second_sl, SHIFTED,
-                      start_ptr, start_z_ptr, gamma_ptr, seg_chunks, CARRIES)
+                      start_ptr, start_z_ptr, gamma_ptr, seg_chunks, CARRIES, y_ptr, dn_ptr, NORMALISER_GRADIENT)
         if TWIN:
             # The states hold sum_j k_j v_j^T; read transposed, sum_j v_j k_j^T, they are the
             # states of the operator with keys v and values k, for any queries q2: the backward's
