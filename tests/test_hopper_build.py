@@ -58,9 +58,10 @@ def compile_for_gpu(kernel, consts, integers, pointers=None, capability=90, num_
 COMPILE = PRELUDE + r"""
 dtype, d, chunk, stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 pointer = {"bfloat16": "*bf16", "float16": "*fp16"}[dtype]
-pointers = {n: pointer for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "partner_ptr", "q2_ptr", "out2_ptr")}
+pointers = {n: pointer for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "partner_ptr", "q2_ptr", "out2_ptr", "y_ptr",
+                                  "dn_ptr")}
 launches = {  # the backward's three output launches (lionedu/kernels/autograd.py), LION-S, bidirectional
-    "dQ": dict(ROW_OFFSET=True, SPLIT=True, TRANSPOSED_STATE=True, SHIFT=2),
+    "dQ": dict(ROW_OFFSET=True, SPLIT=True, TRANSPOSED_STATE=True, SHIFT=2, NORMALISER_GRADIENT=True),
     "dK": dict(COL_OFFSET=True, SPLIT=True, SHIFT=1),
     "dV": dict(TRANSPOSED_STATE=True),
     # dK and dV in one launch (launch.chunk_outputs_and_twin), which runs one program per chunk
@@ -70,7 +71,8 @@ result = {}
 for name, flags in launches.items():
     consts = dict(LOWER=True, UPPER=True, HAS_DECAY=True, SCALAR_DECAY=False, WITH_DEN=False, NORMALIZE=False,
                   ROW_OFFSET=False, COL_OFFSET=False, SPLIT=False, TRANSPOSED_STATE=False, SHIFT=0, SHIFTED=False,
-                  TWIN=False, CARRIES=False, CHUNK=chunk, DK=d, DV=d, BLOCK_DV=min(d, 64), BLOCK_DV2=min(d, 64),
+                  TWIN=False, CARRIES=False, NORMALISER_GRADIENT=False, CHUNK=chunk, DK=d, DV=d, BLOCK_DV=min(d, 64),
+                  BLOCK_DV2=min(d, 64),
                   PRECISION="tf32",
                   PERSISTENT=True, LOOP_STAGES=stages)
     consts.update(flags)
@@ -91,7 +93,8 @@ kernels = {  # the forward's two launches (lionedu/kernels/autograd.py), LION-S,
                     BLOCK_DV=64, WEIGHTS_BY_PRODUCT=False, SHIFT_VALUES=True, **shift_constants(torch.float32))),
     "output": (chunk_output_kernel, OUTPUT_INTEGERS,
                dict(LOWER=True, UPPER=True, WITH_DEN=True, NORMALIZE=True, ROW_OFFSET=False, COL_OFFSET=False,
-                    SPLIT=False, TRANSPOSED_STATE=False, SHIFT=3, SHIFTED=True, TWIN=False, CARRIES=False, BLOCK_DV=64,
+                    SPLIT=False, TRANSPOSED_STATE=False, SHIFT=3, SHIFTED=True, TWIN=False, CARRIES=False,
+                    NORMALISER_GRADIENT=False, BLOCK_DV=64,
                     BLOCK_DV2=64,
                     PERSISTENT=False, LOOP_STAGES=1)),
 }
