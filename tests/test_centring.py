@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lionedu.kernels import centring
-from lionedu.kernels.centring import STATS_BLOCK, format_grid, stats_rows, value_shift, value_stats
+from lionedu.kernels.centring import (STATS_BLOCK, format_grid, stats_rows, value_shift, value_stats,
+                                     value_stats_and_chunk_sums)
 from lionedu.kernels.launch import chunk_states
 from devices import KERNEL_DEVICE as DEVICE
 
@@ -115,6 +116,46 @@ def test_gpu_shift_of_a_long_sequence(dv):
     v = (3 + torch.randn(1, L, dv, generator=gen, device=DEVICE)).bfloat16()
     assert value_stats(v).shape[1] > STATS_BLOCK
     _check_shift(v, value_shift(v))
+
+
+@settings(max_examples=15, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 3), L=st.integers(1, 1200), DV=st.sampled_from([16, 64]),
+       chunk_size=st.sampled_from([16, 32, 64, 128]), heads_last=st.booleans(),
+       decay_dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31 - 1))
+def test_stats_launch_makes_the_chunk_sums(B, H, L, DV, chunk_size, heads_last, decay_dtype, seed):
+    """:func:`value_stats_and_chunk_sums`: the same block sums as :func:`value_stats`, bit for bit,
+    and the log decays' chunk-local sums (tail padded with log decay 0 to whole chunks) against
+    float64, for any length, chunk size, float dtype and layout of the decays (an attention
+    layer's gate arrives as a transposed view of ``[B, L, H]``)."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    v = 3 + torch.randn(B * H, L, DV, generator=gen, device=DEVICE)
+    shape = (B, L, H) if heads_last else (B, H, L)
+    log_decay = -3 * torch.rand(*shape, generator=gen, device=DEVICE, dtype=decay_dtype)
+    if heads_last:
+        log_decay = log_decay.transpose(1, 2)
+    stats, g = value_stats_and_chunk_sums(v, log_decay, chunk_size)
+    assert torch.equal(stats, value_stats(v))
+    N = -(-L // chunk_size)
+    padded = F.pad(log_decay.double().reshape(B * H, L), (0, N * chunk_size - L))
+    ref = padded.view(B * H, N, chunk_size).cumsum(-1).view(B * H, N * chunk_size)
+    assert g.shape == (B * H, N * chunk_size) and g.dtype == torch.float32
+    assert float((g.double() - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_stats_launch_refuses_bad_decays():
+    """Decays of another shape, a chunk size that is not a power of two or is wider than the
+    stats kernel's block of rows, and a decay that is not a tensor: refused by name."""
+    v = torch.rand(6, 40, 16, device=DEVICE)
+    good = torch.zeros(2, 3, 40, device=DEVICE)
+    with pytest.raises(ValueError, match=r"log_decay must have shape \[B, H, L\] with B \* H = 6 and L = 40"):
+        value_stats_and_chunk_sums(v, good[:, :2], 16)
+    with pytest.raises(ValueError, match="log_decay must have shape"):
+        value_stats_and_chunk_sums(v, good.reshape(6, 40), 16)
+    for bad in (0, 3, 48, 2 * stats_rows(16) * centring.TILES):
+        with pytest.raises(ValueError, match="chunk_size must be a power of two"):
+            value_stats_and_chunk_sums(v, good, bad)
+    with pytest.raises(TypeError, match="log_decay must be a tensor"):
+        value_stats_and_chunk_sums(v, good.tolist(), 16)
 
 
 def test_mean_as_shift_rounds_every_value_alike():

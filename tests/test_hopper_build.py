@@ -147,9 +147,11 @@ import torch
 from lionedu.kernels.centring import TILES, shift_constants, shift_kernel, stats_rows, value_stats_kernel
 capability, pointer = int(sys.argv[1]), sys.argv[2]
 dtype = {"*bf16": torch.bfloat16, "*fp16": torch.float16, "*fp32": torch.float32}[pointer]
-stats = [compile_for_gpu(value_stats_kernel, dict(DV=dv, ROWS=stats_rows(dv), TILES=TILES), ("L",),
-                         dict(v_ptr=pointer), capability, num_warps=8)  # as centring.value_stats launches it
-         for dv in (64, 256)]  # the benchmark's heads, and the widest (fewer rows a tile)
+stats = [compile_for_gpu(value_stats_kernel, dict(DV=dv, ROWS=stats_rows(dv), TILES=TILES, CHUNK_SUMS=sums,
+                                                   CHUNK=chunk), ("L", "N", "H", "ld_sb", "ld_sh", "ld_sl"),
+                         dict(v_ptr=pointer, log_decay_ptr=pointer), capability, num_warps=8)  # as centring launches it
+         for dv in (64, 256)  # the benchmark's heads, and the widest (fewer rows a tile)
+         for sums, chunk in ((False, 16), (True, 16), (True, 128))]  # with LION-S's chunk sums, narrow and wide
 shift = compile_for_gpu(shift_kernel, dict(DV=64, **shift_constants(dtype)), ("L", "P"), {}, capability)
 print(json.dumps(dict(stats=min(len(k.asm["cubin"]) for k in stats), shift=len(shift.asm["cubin"]),
                       atomics=sum(len(re.findall(r"(?<![\w.])(?:atom|red)\.", k.asm["ptx"])) for k in (*stats, shift)))))

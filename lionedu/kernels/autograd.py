@@ -49,7 +49,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from .centring import centred_copy, value_stats
+from .centring import centred_copy, value_stats, value_stats_and_chunk_sums
 from .decay_gradient import decay_gradient
 from .launch import (States, chunk_outputs, chunk_outputs_and_twin, chunk_outputs_through_normaliser, chunk_states,
                      next_power_of_2, padded_chunk_sums, persistent_outputs, twin_outputs)
@@ -137,10 +137,14 @@ def attention_forward(q, k, v, log_decay, causal: bool, normalize: bool, chunk_s
     B, H, L, D = q.shape
     Dv = v.shape[-1]
     q_, k_, v_ = (_flatten(t, least) for t in (q, k, v))  # [BH, L, D'], [BH, L, D'], [BH, L, Dv']
-    g = chunk_log_decay_sums(log_decay, B, H, L, chunk_size)
     opts = dict(lower=True, upper=not causal, chunk_size=chunk_size)
     # Normalised: the states kernel centres the values, by their block sums, and writes their shift m.
-    stats = value_stats(v_) if normalize else None
+    # The launch that makes the block sums also makes LION-S's chunk sums of the log decays.
+    if normalize and log_decay is not None and log_decay.dim() == 3:
+        stats, g = value_stats_and_chunk_sums(v_, log_decay, chunk_size)
+    else:
+        stats = value_stats(v_) if normalize else None
+        g = chunk_log_decay_sums(log_decay, B, H, L, chunk_size)
     shift = v_.new_empty(B * H, v_.shape[-1], dtype=torch.float32) if normalize else None  # [BH, Dv']
     states = chunk_states(k_, v_, g, with_z=normalize, value_stats=stats, shift_out=shift, **opts)
     # The output is written straight into a [B, H, L, Dv'] tensor: an autograd.Function must not

@@ -51,9 +51,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .decays import store_chunk_sums
 from .fast_launch import Launcher
 
-__all__ = ["value_stats", "value_shift", "shift_from_stats", "shifted_rows", "centred_copy", "format_grid",
+__all__ = ["value_stats", "value_stats_and_chunk_sums", "value_shift", "shift_from_stats", "shifted_rows", "centred_copy", "format_grid",
            "shift_constants", "stats_rows"]
 
 TILES = 8  # tiles per program of the stats kernel: each program sums stats_rows(DV) * TILES rows
@@ -89,8 +90,12 @@ def value_stats_kernel(
     v_ptr,  # values [BH, L, DV], contiguous
     stats_ptr,  # out: [BH, P, 2, DV] float32, P = the grid's first axis: each block's column sums,
     # then its largest |v| per column
-    L,
+    log_decay_ptr,  # CHUNK_SUMS: one log decay per token [B, H, L], in the layout of ld_sb, ld_sh, ld_sl
+    g_ptr,  # CHUNK_SUMS, out: their chunk-local sums [BH, N*C] float32 (decays.store_chunk_sums)
+    L, N, H, ld_sb, ld_sh, ld_sl,
     DV: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
+    CHUNK_SUMS: tl.constexpr,  # also the log decays' chunk sums of this block's rows (LION-S)
+    CHUNK: tl.constexpr,  # C, with CHUNK_SUMS
 ):
     bh = tl.program_id(1).to(tl.int64)
     block = tl.program_id(0)
@@ -109,6 +114,11 @@ def value_stats_kernel(
     at = (bh * tl.num_programs(0) + block) * 2 * DV
     tl.store(stats_ptr + at + cols, tl.sum(total, axis=0))
     tl.store(stats_ptr + at + DV + cols, tl.max(largest, axis=0))
+    if CHUNK_SUMS:
+        # The log decays' chunk sums ride along: the training forward's first pass is then one
+        # launch, not this one and PyTorch's cumsum (each a few µs of host time; v19).
+        store_chunk_sums(log_decay_ptr, g_ptr, bh, block * TILES * ROWS, L, N, H, ld_sb, ld_sh, ld_sl, TILES * ROWS,
+                         CHUNK)
 
 
 @triton.jit
@@ -174,23 +184,53 @@ _launch_shift = Launcher(shift_kernel)
 
 
 @functools.lru_cache(maxsize=64)
-def _stats_options(DV: int, rows: int, tiles: int):
+def _stats_options(DV: int, rows: int, tiles: int, chunk_sums: bool, chunk: int):
     """The stats kernel's launch options (fast_launch.LaunchOptions), made once per configuration."""
-    return _launch_stats.options(num_warps=8, num_stages=1, DV=DV, ROWS=rows, TILES=tiles)
+    return _launch_stats.options(num_warps=8, num_stages=1, DV=DV, ROWS=rows, TILES=tiles, CHUNK_SUMS=chunk_sums,
+                                 CHUNK=chunk)
 
 
 def value_stats(v: torch.Tensor) -> torch.Tensor:
     """Column sums and largest magnitudes of ``v [BH, L, DV]`` (contiguous, ``DV`` a power of
     two) per block of ``stats_rows(DV) * TILES`` rows: ``[BH, P, 2, DV]`` float32, for
     :func:`shift_from_stats` (the states kernel, :func:`value_shift`)."""
+    return _value_stats(v, None, 16)[0]
+
+
+def value_stats_and_chunk_sums(v: torch.Tensor, log_decay: torch.Tensor, chunk_size: int):
+    """``(stats, g)`` in one launch: :func:`value_stats` of ``v [BH, L, DV]``, and the chunk-local
+    sums of ``log_decay`` (one per token, ``[B, H, L]`` with ``B * H = BH``, any float dtype and
+    strides) for ``chunk_size`` (a power of two up to the stats kernel's block of rows), as
+    :func:`lionedu.kernels.launch.padded_chunk_sums` makes them: ``[BH, N*C]`` float32."""
+    BH, L, DV = v.shape
+    if not isinstance(log_decay, torch.Tensor):
+        raise TypeError(f"log_decay must be a tensor, got {type(log_decay).__name__}")
+    if log_decay.dim() != 3 or log_decay.shape[0] * log_decay.shape[1] != BH or log_decay.shape[2] != L:
+        raise ValueError(f"log_decay must have shape [B, H, L] with B * H = {BH} and L = {L}, got "
+                         f"{list(log_decay.shape)}")
+    span = stats_rows(DV) * TILES
+    if chunk_size < 1 or chunk_size & (chunk_size - 1) or chunk_size > span:
+        raise ValueError(f"chunk_size must be a power of two up to {span}, got {chunk_size}")
+    return _value_stats(v, log_decay, chunk_size)
+
+
+def _value_stats(v, log_decay, chunk_size: int):
+    """The launch behind :func:`value_stats` and :func:`value_stats_and_chunk_sums`: ``(stats, g or None)``."""
     from .launch import ceil_div  # (launch imports this module)
 
     BH, L, DV = v.shape
     rows = stats_rows(DV)
     P = ceil_div(L, rows * TILES)  # blocks of rows
     stats = torch.empty(BH, P, 2, DV, device=v.device, dtype=torch.float32)
-    _launch_stats.launch((P, BH), _stats_options(DV, rows, TILES), (v, stats), (L,))
-    return stats
+    if log_decay is None:
+        _launch_stats.launch((P, BH), _stats_options(DV, rows, TILES, False, chunk_size), (v, stats, None, None),
+                             (L, 1, 1, 0, 0, 0))
+        return stats, None
+    N = ceil_div(L, chunk_size)
+    g = torch.empty(BH, N * chunk_size, device=v.device, dtype=torch.float32)
+    _launch_stats.launch((P, BH), _stats_options(DV, rows, TILES, True, chunk_size), (v, stats, log_decay, g),
+                         (L, N, log_decay.shape[1], *log_decay.stride()))
+    return stats, g
 
 
 def value_shift(v: torch.Tensor) -> torch.Tensor:
