@@ -44,7 +44,7 @@ from lionedu.kernels.states import chunk_states_kernel
 
 # the output kernel's integer arguments: sizes, the segments' length, its outputs' layouts (layout.py)
 OUTPUT_INTEGERS = ("L", "N", "BH", "seg_chunks", "H", "out_sb", "out_sh", "out_sl", "second_sb", "second_sh",
-                   "second_sl")
+                   "second_sl", "decay_heads")
 
 def compile_for_gpu(kernel, consts, integers, pointers=None, capability=90, num_warps=4):
     names = [p.name for p in kernel.params]
@@ -88,7 +88,7 @@ from lionedu.kernels.centring import shift_constants
 precision = sys.argv[1]
 shared = dict(HAS_DECAY=True, SCALAR_DECAY=False, CHUNK=64, DK=64, DV=64, PRECISION=precision)
 kernels = {  # the forward's two launches (lionedu/kernels/autograd.py), LION-S, normalised, bidirectional
-    "states": (chunk_states_kernel, ("L", "N", "stats_blocks", "seg_chunks"),
+    "states": (chunk_states_kernel, ("L", "N", "stats_blocks", "seg_chunks", "decay_heads"),
                dict(FIRST_DIRECTION=0, WITH_Z=True, WITH_U=False, WITH_W=False, SEGMENTED=False, BLOCK_DK=64,
                     BLOCK_DV=64, WEIGHTS_BY_PRODUCT=False, SHIFT_VALUES=True, **shift_constants(torch.float32))),
     "output": (chunk_output_kernel, OUTPUT_INTEGERS,
@@ -116,7 +116,7 @@ consts = dict(FIRST_DIRECTION=0, HAS_DECAY=True, SCALAR_DECAY=False, WITH_Z="z" 
               PRECISION="tf32x3" if pointer == "*fp32" else "tf32", WEIGHTS_BY_PRODUCT=weighted_sums_by_product(dtype),
               SHIFT_VALUES=sums == "z", **shift_constants(dtype))  # the forward's states centre the values
 # (lionedu/kernels/centring.py)
-ttgir = compile_for_gpu(chunk_states_kernel, consts, ("L", "N", "stats_blocks", "seg_chunks"),
+ttgir = compile_for_gpu(chunk_states_kernel, consts, ("L", "N", "stats_blocks", "seg_chunks", "decay_heads"),
                         dict(k_ptr=pointer, v_ptr=pointer, S_ptr=pointer)).asm["ttgir"]
 dots = ttgir.count("warp_group_dot ") + len(re.findall(r"tt\.dot ", ttgir))  # Hopper's products and mma.sync's
 # the layout of mma.sync's result: which warps hold which rows and columns

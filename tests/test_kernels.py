@@ -481,12 +481,15 @@ def test_non_contiguous_output_gradient():
 
 
 @settings(max_examples=6, deadline=None)
-@given(BH=st.integers(1, 3), L=st.sampled_from([1, 5, 1023, 1024, 1025, 2500]), seed=st.integers(0, 2**16))
-def test_decay_gradient_kernel(BH, L, seed):
+@given(B=st.integers(1, 3), H=st.integers(1, 3), L=st.sampled_from([1, 5, 1023, 1024, 1025, 2500]),
+       seed=st.integers(0, 2**16))
+def test_decay_gradient_kernel(B, H, L, seed):
     """The decay-gradient kernel walks a sequence in blocks of 1024: lengths around and past
-    a block, against the formula in float64 (sum of a, plus the exclusive prefix sum of d)."""
+    a block, against the formula in float64 (sum of a, plus the exclusive prefix sum of d); for
+    one decay per head, the sums over positions and over the batch's sequences of each head."""
     from lionedu.kernels.decay_gradient import decay_gradient
 
+    BH = B * H
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     rb, ra, cb, ca = (torch.randn(BH, L, device=DEVICE, generator=gen) for _ in range(4))
     a = rb.double() - cb.double()
@@ -495,9 +498,12 @@ def test_decay_gradient_kernel(BH, L, seed):
     got = decay_gradient(rb, ra, cb, ca)
     assert got.dtype == torch.float32 and got.shape == (BH, L)
     assert _rel(got, ref) < 1e-6
-    # LION-D's per-sequence sums come from one pass with their own formula
-    sums = decay_gradient(rb, ra, cb, ca, row_sums=True)
-    assert sums.shape == (BH,) and _rel(sums, ref.sum(-1)) < 1e-6
+    # LION-D's per-head sums come from one pass with their own formula (sequences b * H + h)
+    sums = decay_gradient(rb, ra, cb, ca, heads=H)
+    assert sums.shape == (H,) and _rel(sums, ref.sum(-1).view(B, H).sum(0)) < 1e-6
+    for bad in (0, BH + 1, 2.0) if BH > 1 else (0, 2):
+        with pytest.raises(ValueError, match="heads must be a positive integer that divides BH"):
+            decay_gradient(rb, ra, cb, ca, heads=bad)
 
 
 def _operator_reference(q, k, v, log_decay, lower, upper, a=None, b=None, partner=None):
@@ -678,6 +684,24 @@ def test_outputs_through_normaliser_refuse_bad_inputs():
         call(den=1.0)
     with pytest.raises(ValueError, match="dy must be"):
         call(dy=dy[:, :, :8])
+
+
+def test_one_decay_per_head_is_read_in_place():
+    """One log decay per head, ``g [G]`` with ``G`` dividing ``BH``: sequence ``bh`` takes
+    ``g[bh % G]``, the same outputs as the decays repeated per sequence; a ``G`` that does not
+    divide ``BH`` is refused by name."""
+    from lionedu.kernels import launch
+
+    B, H, L, C = 2, 3, 40, 16
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    q, k, v = (torch.rand(B * H, L, 16, generator=gen, device=DEVICE) for _ in range(3))
+    per_head = -torch.rand(H, generator=gen, device=DEVICE) - 1e-3
+    opts = dict(lower=True, upper=True, chunk_size=C, with_den=True, normalize=True)
+    got = launch.masked_operator(q, k, v, per_head, **opts)[0]
+    want = launch.masked_operator(q, k, v, per_head.repeat(B), **opts)[0]
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="length that divides BH = 6"):
+        launch.masked_operator(q, k, v, torch.cat([per_head, per_head[:1]]), **opts)
 
 
 def test_twin_queries_must_meet_the_values():

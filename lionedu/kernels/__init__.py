@@ -108,10 +108,12 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     construction (``logsigmoid`` of a projection, as in :class:`lionedu.nn.LionAttention`)
     and the host overhead matters. Shapes, dtypes and devices are always checked.
 
-    Speed: at short lengths a step is bound by the host, not the GPU: eight Triton launches
-    from Python, six of them in the backward (nine normalised: the values' block sums for the
-    centring, :mod:`.centring`; more where few sequences have their walks split into segments,
-    :mod:`.carries`). Capturing the training step in a CUDA graph removes that
+    Speed: at short lengths a step is bound by the host, not the GPU: a step of normalised LION-S
+    makes eight Triton launches from Python, three in the forward (the values' block sums for the
+    centring with the decays' chunk sums, :mod:`.centring`; the states; the outputs) and five in
+    the backward (three output launches, the first making the normaliser's gradient; one states
+    pass; the decay gradient); more where few sequences have their walks split into segments
+    (:mod:`.carries`). Capturing the training step in a CUDA graph removes that
     cost (results/NOTES.md): ``torch.cuda.graphs``, or ``torch.compile(mode="reduce-overhead")``,
     under which this call becomes two custom operators (:mod:`.compiled`; the value check is a
     host read, so compile with ``check_values=False``).

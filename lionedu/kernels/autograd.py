@@ -20,8 +20,9 @@ then between small numbers instead of values' common part, which bfloat16 states
 ``y`` would round away (book chapter 8, section 10).
 
 Backward (book chapter 7): with ``V~ = [V, 1]`` and ``dO~ = [dN, dc]``,
-``dN = dY / c``, ``dc = -(dY . Y) / c``, and because ``M`` is symmetric each gradient is the
-same masked operator with other arguments:
+``dN = dY / c``, ``dc = -(dY . Y) / c`` (made by dQ's launch as it loads ``dY``, and stored for the
+others), and because ``M`` is symmetric each gradient is the same masked operator with other
+arguments:
 
 - ``dQ = (dO~ V~^T ⊙ M) K``  with the row offset ``dc_i`` in the scores
 - ``dK = (V~ dO~^T ⊙ M) Q``  with the column offset ``dc_j``
@@ -106,12 +107,13 @@ class Saved(NamedTuple):
 
 
 def chunk_log_decay_sums(log_decay, B: int, H: int, L: int, chunk_size: int):
-    """The kernels' form of the decays: ``None`` (LIT), one log decay per sequence ``[B*H]``
-    float32 (D: the kernels make the sums) or the chunk-local sums ``[B*H, N*C]`` (S)."""
+    """The kernels' form of the decays: ``None`` (LIT), the caller's one log decay per head ``[H]``
+    float32 (D: sequence ``b * H + h`` takes entry ``h``, and the kernels make the sums) or the
+    chunk-local sums ``[B*H, N*C]`` (S)."""
     if log_decay is None:
         return None
-    if log_decay.dim() == 1:  # [H] -> [B*H]
-        return log_decay.float().repeat(B)
+    if log_decay.dim() == 1:
+        return log_decay.float().contiguous()  # (no copy for a float32 parameter)
     return padded_chunk_sums(log_decay.reshape(B * H, L), chunk_size)
 
 
@@ -222,8 +224,8 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
         # r = (r^<, r^>) from dQ; in dK's operator i and j trade places, so its
         # "before" dot is c^> and its "after" dot c^<.
         (r_before, r_after), (c_after, c_before) = r, c
-        if g.dim() == 1:  # LION-D, one decay per head: summed over positions, then batch
-            d_log_decay = decay_gradient(r_before, r_after, c_before, c_after, row_sums=True).view(B, H).sum(0)
+        if g.dim() == 1:  # LION-D, one decay per head: summed over positions and the batch's sequences
+            d_log_decay = decay_gradient(r_before, r_after, c_before, c_after, heads=H)
         else:
             d_log_decay = decay_gradient(r_before, r_after, c_before, c_after).view(B, H, -1)
         d_log_decay = d_log_decay.to(decay_dtype)

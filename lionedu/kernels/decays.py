@@ -7,7 +7,7 @@ last ``g_i``). LION-S has one decay per token: the sums are computed once on the
 attention, by :func:`store_chunk_sums` inside the launch that reads the values for their centring)
 and loaded. LION-D has one decay ``λ_h`` per head, so every ``l_i = log λ_h`` and the sums
 ``g_i = (i + 1) log λ_h`` (``i`` counted from the chunk's start) are computed here, with
-nothing to load but ``log λ_h``. The last chunk may end past the sequence; its total ``G``
+nothing to load but ``log λ_h``, straight from the caller's ``[H]`` decays. The last chunk may end past the sequence; its total ``G``
 then counts positions that do not exist, but that ``G`` is never used: the forward walk
 ends with it, the backward walk starts with it on an empty state, and the outputs use it
 only to read the empty state after the last chunk.
@@ -23,15 +23,16 @@ __all__ = ["chunk_log_decays", "store_chunk_sums"]
 
 
 @triton.jit
-def chunk_log_decays(g_ptr, bh, n, N, CHUNK: tl.constexpr, SCALAR_DECAY: tl.constexpr):
+def chunk_log_decays(g_ptr, bh, n, N, decay_heads, CHUNK: tl.constexpr, SCALAR_DECAY: tl.constexpr):
     """``(g [CHUNK], G)`` float32 for chunk ``n`` of sequence ``bh``.
 
-    ``g_ptr``: the chunk-local sums ``[BH, N*C]``, or with ``SCALAR_DECAY`` one log decay per
-    sequence ``[BH]``.
+    ``g_ptr``: the chunk-local sums ``[BH, N*C]``, or with ``SCALAR_DECAY`` one log decay per head
+    ``[decay_heads]``, sequence ``bh`` taking entry ``bh % decay_heads`` (sequences are numbered
+    ``b * H + h``; ``decay_heads = BH`` gives one decay per sequence).
     """
     pos = tl.arange(0, CHUNK)
     if SCALAR_DECAY:
-        log_decay = tl.load(g_ptr + bh)
+        log_decay = tl.load(g_ptr + bh % decay_heads)
         g = (pos + 1).to(tl.float32) * log_decay
         G = CHUNK * log_decay
     else:

@@ -242,6 +242,17 @@ def _decay_kind(g) -> tuple:
     return g is not None, g is not None and g.dim() == 1
 
 
+def _decay_heads(g, BH: int) -> int:
+    """The kernels' ``decay_heads``: the entries of a one-per-head ``g`` (sequence ``bh`` takes
+    ``g[bh % decay_heads]``), else 1 (unused). A length that does not divide ``BH`` is refused."""
+    if g is None or g.dim() != 1:
+        return 1
+    if g.shape[0] == 0 or BH % g.shape[0]:
+        raise ValueError(f"g with one log decay per head must have a length that divides BH = {BH} "
+                         f"(sequences b * H + h take g[h]), got {g.shape[0]}")
+    return g.shape[0]
+
+
 # The launch options of each configuration, made once (fast_launch.LaunchOptions): building the
 # constexpr values afresh on every call was a few µs of a launch's host time. They are cached on
 # every value they hold, computed by the caller (launch_config's tiles, warps and stages, the
@@ -322,7 +333,7 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
     _launch_states.launch(
         (BH, (DK // cfg["states_block_dk"]) * (DV // cfg["states_block_dv"]), slots * segments), options,
         (k, v, g, col_offset, *st[:4], ends, gamma, value_stats, shift_out),
-        (L, N, 0 if value_stats is None else value_stats.shape[1], seg_chunks))
+        (L, N, 0 if value_stats is None else value_stats.shape[1], seg_chunks, _decay_heads(g, BH)))
     if segments > 1:
         starts = None
         if fold_carries:
@@ -506,7 +517,7 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
         (q, k, v, g, offset, *states[:4], partner, out, den, *(dots or (None, None)), shift, shifted_out, q2, out2,
          *((starts.C, starts.z, starts.gamma) if starts is not None else (None, None, None)), y, dn),
         (L, N, BH, 1 if starts is None else starts.seg_chunks, H, *row_strides(out, H),
-         *(row_strides(second, H) if second is not None else (0, 0, 0))))
+         *(row_strides(second, H) if second is not None else (0, 0, 0)), _decay_heads(g, BH)))
     if normaliser is not None:
         return out, None, dots, dn, offset
     return out, den, dots, out2
@@ -519,8 +530,9 @@ def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, no
     / ``upper``, the keys before / after ``i``: :func:`chunk_states`, then :func:`chunk_outputs`.
 
     ``q, k: [BH, L, DK]``, ``v: [BH, L, DV]`` (one dtype, contiguous, DK and DV powers of two
-    >= 16); ``g``: the decays, one of ``None`` (LIT), ``[BH]`` float32 (one log decay per
-    sequence, LION-D; the kernels compute the sums) or ``[BH, N*C]`` from
+    >= 16); ``g``: the decays, one of ``None`` (LIT), ``[G]`` float32 with ``G`` dividing ``BH``
+    (one log decay per head, LION-D: sequence ``bh`` takes ``g[bh % G]``; ``G = BH`` gives one per
+    sequence; the kernels compute the sums) or ``[BH, N*C]`` from
     :func:`padded_chunk_sums` (one per token, LION-S); ``row_offset`` ``a`` or
     ``col_offset`` ``b``: at most one, ``[BH, L]`` float32; ``normalize`` divides by the
     normaliser (needs ``with_den``); ``partner`` ``P [BH, L, DV]`` asks for the row dots

@@ -1,4 +1,7 @@
-"""The first step of the backward pass: the gradient through the normaliser (book chapter 7).
+"""The first step of the backward pass, as a kernel of its own: the gradient through the
+normaliser (book chapter 7). The library's backward makes the same numbers inside the launch that
+makes dQ (:func:`.launch.chunk_outputs_through_normaliser`, one launch fewer); this kernel is the
+step in isolation, for the book and as that launch's reference in the tests.
 
 With ``y_i = N_i / c_i`` and the incoming gradient ``dy_i``:
 

@@ -124,6 +124,7 @@ def _normaliser_gradient_rows(dy_ptr, y_ptr, den_ptr, dn_ptr, dc_ptr, bh, L, row
 @triton.jit
 def _chunk_output(
     n, bh, BH, L, N,  # chunk n of sequence bh (int64), of BH sequences of L positions in N chunks
+    decay_heads,  # SCALAR_DECAY: entries of g (decays.py)
     q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr, out_ptr,
     H, out_sb, out_sh, out_sl,  # out's layout: its rows as layout.row_offsets finds them
     LOWER: tl.constexpr, UPPER: tl.constexpr, HAS_DECAY: tl.constexpr, SCALAR_DECAY: tl.constexpr,
@@ -178,7 +179,7 @@ def _chunk_output(
     if UPPER:
         keep = keep | after
     if HAS_DECAY:
-        g, G = chunk_log_decays(g_ptr, bh, n, N, CHUNK, SCALAR_DECAY)
+        g, G = chunk_log_decays(g_ptr, bh, n, N, decay_heads, CHUNK, SCALAR_DECAY)
         diff = g[:, None] - g[None, :]
         scores = scores * tl.exp(tl.where(before, diff, -diff))
         # How a state is read: forward exp(g_i) q_i^T H_n, backward exp(G - g_i) q_i^T R_n.
@@ -267,7 +268,7 @@ def _chunk_output(
 @triton.jit
 def chunk_output_kernel(
     q_ptr, k_ptr, v_ptr,  # q, k [BH, L, DK], v [BH, L, DV], one dtype, contiguous
-    g_ptr,  # chunk-local sums of the log decays [BH, N*C] float32, or [BH] (SCALAR_DECAY)
+    g_ptr,  # chunk-local sums of the log decays [BH, N*C] float32, or [decay_heads] (SCALAR_DECAY)
     offset_ptr,  # score offsets a_i or b_j [BH, L] float32 (ROW_OFFSET / COL_OFFSET)
     S_ptr, z_ptr, u_ptr, w_ptr,  # from chunk_states_kernel: [slots, BH, N, ...]
     partner_ptr,  # P [BH, L, DV] (SPLIT only)
@@ -287,6 +288,7 @@ def chunk_output_kernel(
     H, out_sb, out_sh, out_sl,  # out's layout (layout.py): [BH, L, DV] contiguous, or the caller's [B, H, L, DV]
     second_sb, second_sh, second_sl,  # the same for the second output, shifted (SHIFTED) or out2 (TWIN), or for dy
     # (NORMALISER_GRADIENT)
+    decay_heads,  # SCALAR_DECAY: entries of g, sequence bh taking g[bh % decay_heads] (decays.py)
     LOWER: tl.constexpr,  # keys j < i count (forward state in slot 0)
     UPPER: tl.constexpr,  # keys j > i count (backward state in the next slot)
     HAS_DECAY: tl.constexpr,  # False for LIT: no exponentials
@@ -323,8 +325,8 @@ def chunk_output_kernel(
                      "the normaliser's gradient makes the row offsets, reads the normaliser and takes the second layout")
     if PERSISTENT:
         for t in tl.range(tl.program_id(0), N * BH, tl.num_programs(0), num_stages=LOOP_STAGES):
-            _chunk_output(t % N, (t // N).to(tl.int64), BH, L, N, q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr, out_ptr,
-                          H, out_sb, out_sh, out_sl,
+            _chunk_output(t % N, (t // N).to(tl.int64), BH, L, N, decay_heads, q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr,
+                          out_ptr, H, out_sb, out_sh, out_sl,
                           LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, CHUNK, DK, DV, BLOCK_DV, PRECISION, TRANSPOSED_STATE,
                           den_ptr, WITH_DEN, NORMALIZE, offset_ptr, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
                           partner_ptr, dot_before_ptr, dot_after_ptr, SPLIT, shift_ptr, SHIFT,
@@ -332,7 +334,7 @@ def chunk_output_kernel(
                           start_ptr, start_z_ptr, gamma_ptr, seg_chunks, CARRIES, y_ptr, dn_ptr, NORMALISER_GRADIENT)
     else:
         n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        _chunk_output(n, bh, BH, L, N, q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr, out_ptr,
+        _chunk_output(n, bh, BH, L, N, decay_heads, q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr, out_ptr,
                       H, out_sb, out_sh, out_sl,
                       LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, CHUNK, DK, DV, BLOCK_DV, PRECISION, TRANSPOSED_STATE,
                       den_ptr, WITH_DEN, NORMALIZE, offset_ptr, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
@@ -346,7 +348,7 @@ def chunk_output_kernel(
             # second load is served by the caches. Plain (the optional parts left off): no offset,
             # normaliser, dots or shift; its keys are DV wide and its values DK.
             # (Not on the persistent grid: there the pair was slower than two launches; NOTES 1c.)
-            _chunk_output(n, bh, BH, L, N, q2_ptr, v_ptr, k_ptr, g_ptr, S_ptr, z_ptr, out2_ptr,
+            _chunk_output(n, bh, BH, L, N, decay_heads, q2_ptr, v_ptr, k_ptr, g_ptr, S_ptr, z_ptr, out2_ptr,
                           H, second_sb, second_sh, second_sl,
                           LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, CHUNK, DV, DK, BLOCK_DV2, PRECISION,
                           TRANSPOSED_STATE=not TRANSPOSED_STATE)

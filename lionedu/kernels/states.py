@@ -79,7 +79,7 @@ def _rows_total(sums, BY_PRODUCT: tl.constexpr):
 def chunk_states_kernel(
     k_ptr, v_ptr,  # keys [BH, L, DK], values [BH, L, DV], one dtype, contiguous
     g_ptr,  # chunk-local sums of the log decays [BH, N*C] float32 (tail padded with 0),
-    # or with SCALAR_DECAY one log decay per sequence [BH] (decays.py)
+    # or with SCALAR_DECAY one log decay per head [decay_heads] (decays.py)
     col_offset_ptr,  # column offsets b_j [BH, L] float32 (only read with COL_OFFSET)
     S_ptr,  # out: states [slots, BH, N, DK, DV] in the inputs' dtype
     z_ptr, u_ptr, w_ptr,  # out: [slots, BH, N, DK], [slots, BH, N, DV], [slots, BH, N, DV] float32
@@ -91,6 +91,7 @@ def chunk_states_kernel(
     L, N,  # sequence length, number of chunks
     stats_blocks,  # P_stats, blocks of rows in stats (SHIFT_VALUES)
     seg_chunks,  # chunks per segment (N when the walk is not split)
+    decay_heads,  # SCALAR_DECAY: entries of g, sequence bh taking g[bh % decay_heads] (decays.py)
     FIRST_DIRECTION: tl.constexpr,  # direction of slot 0: 0 forward (H), 1 backward (R)
     HAS_DECAY: tl.constexpr,  # False for LIT: every decay is 1, no exponentials at all
     SCALAR_DECAY: tl.constexpr,  # LION-D: one decay per sequence, g computed, not loaded
@@ -196,7 +197,7 @@ def chunk_states_kernel(
         # ---- Decay each key to the chunk's edge, and the state across the whole chunk ------
         # forward: k_j exp(G - g_j) and H exp(G);  backward: k_j exp(g_j) and R exp(G).
         if HAS_DECAY:
-            g, G = chunk_log_decays(g_ptr, bh, n, N, CHUNK, SCALAR_DECAY)
+            g, G = chunk_log_decays(g_ptr, bh, n, N, decay_heads, CHUNK, SCALAR_DECAY)
             key_scale = tl.exp(tl.where(backward, g, G - g))
             carry = tl.exp(G)
             if SEGMENTED:  # how far chunk n is from the segment's edge, for the carries
