@@ -14,7 +14,8 @@ prefix sum over ``L`` terms that largely cancel loses digits in float32.
 A decay shared by all positions of a head (LION-D) only needs ``sum_t dl_t`` per sequence,
 ``L sum_i a_i + sum_i (L - 1 - i) d_i``: one pass, and no ``[BH, L]`` result (``ROW_SUMS``); and
 summed over the batch's sequences of that head, which one program per head adds up in float64 as
-it goes (sequences are numbered ``b * H + h``), so no PyTorch sum follows the launch.
+it goes, loading its sequences side by side (sequences are numbered ``b * H + h``), so no PyTorch
+sum follows the launch.
 """
 from __future__ import annotations
 
@@ -47,21 +48,27 @@ def decay_gradient_kernel(
     HEADS,  # ROW_SUMS: program h sums the sequences h, h + HEADS, h + 2 HEADS, ... (b * H + h)
     ROW_SUMS: tl.constexpr,
     BLOCK: tl.constexpr,
+    BLOCK_B: tl.constexpr,  # ROW_SUMS: sequences of one head loaded side by side
 ):
     steps = tl.arange(0, BLOCK)
     if ROW_SUMS:
-        # ---- One pass per sequence of this head: L sum_i a_i + sum_i (L - 1 - i) d_i ----------
+        # ---- One walk over this head's sequences, BLOCK_B of them side by side (their loads in
+        # flight together, as one program per sequence would have them): per sequence
+        # L sum_i a_i + sum_i (L - 1 - i) d_i, all added elementwise until the end ----------------
         head = tl.program_id(0).to(tl.int64)
-        total = tl.zeros([BLOCK], dtype=tl.float64)  # both sums, elementwise until the end
-        for seq in range(head, BH, HEADS):
-            row = seq * L
+        batch = tl.arange(0, BLOCK_B)
+        total = tl.zeros([BLOCK_B, BLOCK], dtype=tl.float64)
+        for first in range(0, BH // HEADS, BLOCK_B):
+            b = first + batch
+            rows = (b.to(tl.int64) * HEADS + head) * L  # [BLOCK_B]: where each sequence starts
             for start in range(0, L, BLOCK):
                 t = start + steps
-                ok = t < L
-                a = _difference(r_before_ptr, c_before_ptr, row + t, ok)  # r^< - c^<
-                b = _difference(r_after_ptr, c_after_ptr, row + t, ok)  # r^> - c^>
-                total += L * a + (b - a) * (L - 1 - t).to(tl.float64)
-        tl.store(out_ptr + head, tl.sum(total, axis=0).to(tl.float32))
+                ok = (b < BH // HEADS)[:, None] & (t < L)[None, :]
+                at = rows[:, None] + t[None, :]
+                a = _difference(r_before_ptr, c_before_ptr, at, ok)  # r^< - c^<
+                after = _difference(r_after_ptr, c_after_ptr, at, ok)  # r^> - c^>
+                total += L * a + (after - a) * (L - 1 - t).to(tl.float64)[None, :]
+        tl.store(out_ptr + head, tl.sum(tl.sum(total, axis=1), axis=0).to(tl.float32))
     else:
         seq = tl.program_id(0).to(tl.int64)
         row = seq * L  # this program's sequence
@@ -87,9 +94,9 @@ _launch = Launcher(decay_gradient_kernel)
 
 
 @functools.lru_cache(maxsize=64)
-def _options(row_sums: bool, block: int):
+def _options(row_sums: bool, block: int, block_b: int):
     """The launch options (fast_launch.LaunchOptions), made once per configuration."""
-    return _launch.options(num_warps=4, ROW_SUMS=row_sums, BLOCK=block)
+    return _launch.options(num_warps=4, ROW_SUMS=row_sums, BLOCK=block, BLOCK_B=block_b)
 
 
 def decay_gradient(r_before, r_after, c_before, c_after, *, heads=None):
@@ -101,7 +108,9 @@ def decay_gradient(r_before, r_after, c_before, c_after, *, heads=None):
         raise ValueError(f"heads must be a positive integer that divides BH = {BH}, got {heads!r}")
     row_sums = heads is not None
     out = torch.empty(heads, device=r_before.device, dtype=torch.float32) if row_sums else torch.empty_like(r_before)
-    block = min(BLOCK, next_power_of_2(L))
-    _launch.launch((heads if row_sums else BH,), _options(row_sums, block), (r_before, r_after, c_before, c_after, out),
-                   (L, BH, heads if row_sums else 1))
+    # With row_sums, up to BLOCK positions in all: a head's sequences side by side, then positions.
+    block_b = min(next_power_of_2(BH // heads), BLOCK) if row_sums else 1
+    block = min(BLOCK // block_b, next_power_of_2(L))
+    _launch.launch((heads if row_sums else BH,), _options(row_sums, block, block_b),
+                   (r_before, r_after, c_before, c_after, out), (L, BH, heads if row_sums else 1))
     return out
