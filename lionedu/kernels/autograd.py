@@ -224,8 +224,8 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
         # r = (r^<, r^>) from dQ; in dK's operator i and j trade places, so its
         # "before" dot is c^> and its "after" dot c^<.
         (r_before, r_after), (c_after, c_before) = r, c
-        if g.dim() == 1:  # LION-D, one decay per head: summed over positions and the batch's sequences
-            d_log_decay = decay_gradient(r_before, r_after, c_before, c_after, heads=H)
+        if g.dim() == 1:  # LION-D, one decay per head: summed over positions, then batch
+            d_log_decay = decay_gradient(r_before, r_after, c_before, c_after, row_sums=True).view(B, H).sum(0)
         else:
             d_log_decay = decay_gradient(r_before, r_after, c_before, c_after).view(B, H, -1)
         d_log_decay = d_log_decay.to(decay_dtype)
