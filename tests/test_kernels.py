@@ -313,10 +313,7 @@ def test_masked_operator_folds_the_carries(L, widths, tile_dk, tile_dv, segments
     BH, C = 2, 16
     dtype = (torch.bfloat16 if DEVICE == "cuda" else torch.float16) if half else torch.float32
     q, k, v = ((2 * torch.rand(BH, L, d, generator=gen, device=DEVICE) - 1).to(dtype) for d in (DK, DK, DV))
-    per_sequence = -torch.rand(BH, generator=gen, device=DEVICE) - 1e-3
-    per_token = {"lit": torch.zeros(BH, L, device=DEVICE), "d": per_sequence[:, None].expand(BH, L),
-                 "s": -2 * torch.rand(BH, L, generator=gen, device=DEVICE)}[decay]
-    g = {"lit": None, "d": per_sequence, "s": launch.padded_chunk_sums(per_token, C)}[decay]
+    per_token, g = _random_decays(gen, BH, L, C, decay)
     lower, upper = triangles
     rule = launch.launch_config
     tiles = {"states_block_dk": min(tile_dk, DK), "states_block_dv": min(tile_dv, DV), "states_segments": segments}
@@ -500,6 +497,18 @@ def test_decay_gradient_kernel(BH, L, seed):
     assert sums.shape == (BH,) and _rel(sums, ref.sum(-1)) < 1e-6
 
 
+def _random_decays(gen, BH, L, C, decay):
+    """``(per_token [BH, L], g)`` for a ``decay`` of "lit", "d" or "s" drawn from ``gen``: the log
+    decays of every position (for the float64 reference) and the kernels' form of them (``None``,
+    one per sequence ``[BH]``, or the chunk sums for chunks of ``C``)."""
+    from lionedu.kernels import launch
+
+    per_sequence = -torch.rand(BH, generator=gen, device=DEVICE) - 1e-3
+    per_token = {"lit": torch.zeros(BH, L, device=DEVICE), "d": per_sequence[:, None].expand(BH, L),
+                 "s": -2 * torch.rand(BH, L, generator=gen, device=DEVICE)}[decay]
+    return per_token, {"lit": None, "d": per_sequence, "s": launch.padded_chunk_sums(per_token, C)}[decay]
+
+
 def _operator_reference(q, k, v, log_decay, lower, upper, a=None, b=None, partner=None):
     """``out_i = sum_j M_ij (q_i . k_j + a_i + b_j) v_j`` over the chosen triangles, from the
     explicit mask in float64; with ``partner`` also the row dots with the parts before and
@@ -547,10 +556,7 @@ def test_masked_operator_with_offsets_and_state_tiles(L, widths, tile_dk, tile_d
     rand = lambda *s: 2 * torch.rand(*s, generator=gen, device=DEVICE) - 1  # noqa: E731
     q, k, partner = rand(BH, L, DK), rand(BH, L, DK), rand(BH, L, DV)
     v, shift = rand(BH, L, DV), rand(BH, L)
-    per_sequence = -torch.rand(BH, generator=gen, device=DEVICE) - 1e-3
-    per_token = {"lit": torch.zeros(BH, L, device=DEVICE), "d": per_sequence[:, None].expand(BH, L),
-                 "s": -2 * torch.rand(BH, L, generator=gen, device=DEVICE)}[decay]
-    g = {"lit": None, "d": per_sequence, "s": launch.padded_chunk_sums(per_token, C)}[decay]
+    per_token, g = _random_decays(gen, BH, L, C, decay)
     lower, upper = triangles
     a, b = (shift, None) if offset == "row" else (None, shift)
 
@@ -582,10 +588,7 @@ def test_outputs_and_twin(L, widths, decay, triangles, offset, transposed, seed)
     rand = lambda *s: 2 * torch.rand(*s, generator=gen, device=DEVICE) - 1  # noqa: E731
     q, k, v, q2, partner = rand(BH, L, DK), rand(BH, L, DK), rand(BH, L, DV), rand(BH, L, DV), rand(BH, L, DV)
     b = rand(BH, L) if offset else None
-    per_sequence = -torch.rand(BH, generator=gen, device=DEVICE) - 1e-3
-    per_token = {"lit": torch.zeros(BH, L, device=DEVICE), "d": per_sequence[:, None].expand(BH, L),
-                 "s": -2 * torch.rand(BH, L, generator=gen, device=DEVICE)}[decay]
-    g = {"lit": None, "d": per_sequence, "s": launch.padded_chunk_sums(per_token, C)}[decay]
+    per_token, g = _random_decays(gen, BH, L, C, decay)
     lower, upper = triangles
     opts = dict(lower=lower, upper=upper, chunk_size=C)
     # States of keys k and values v, stored as computed or (transposed) as those of keys v and values k.
@@ -609,7 +612,8 @@ def test_outputs_and_twin(L, widths, decay, triangles, offset, transposed, seed)
 
 @settings(max_examples=10, deadline=None)
 @given(L=st.integers(1, 100), widths=st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2])),
-       decay=st.sampled_from(["lit", "d", "s"]), triangles=st.sampled_from([(True, True), (True, False), (False, True)]),
+       decay=st.sampled_from(["lit", "d", "s"]),
+       triangles=st.sampled_from([(True, True), (True, False), (False, True)]),
        persistent=st.booleans(), heads_layout=st.booleans(), partner=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_outputs_through_normaliser(L, widths, decay, triangles, persistent, heads_layout, partner, seed):
     """``chunk_outputs_through_normaliser``: one launch makes the queries ``dN = dy / c`` and the row
@@ -628,10 +632,7 @@ def test_outputs_through_normaliser(L, widths, decay, triangles, persistent, hea
     k, v, y, p = rand(BH, L, DK), rand(BH, L, DV), rand(BH, L, DK), rand(BH, L, DV)
     den = 0.5 + torch.rand(BH, L, generator=gen, device=DEVICE)
     dy = rand(B, L, H, DK).transpose(1, 2) if heads_layout else rand(BH, L, DK)
-    per_sequence = -torch.rand(BH, generator=gen, device=DEVICE) - 1e-3
-    per_token = {"lit": torch.zeros(BH, L, device=DEVICE), "d": per_sequence[:, None].expand(BH, L),
-                 "s": -2 * torch.rand(BH, L, generator=gen, device=DEVICE)}[decay]
-    g = {"lit": None, "d": per_sequence, "s": launch.padded_chunk_sums(per_token, C)}[decay]
+    per_token, g = _random_decays(gen, BH, L, C, decay)
     lower, upper = triangles
     opts = dict(lower=lower, upper=upper, chunk_size=C)
     states = launch.chunk_states(k, v, g, with_u=True, **opts)
@@ -663,7 +664,8 @@ def test_outputs_through_normaliser_refuse_bad_inputs():
     den = torch.ones(BH, L, device=DEVICE)
     opts = dict(lower=True, upper=True, chunk_size=C)
     states = launch.chunk_states(k, v, None, with_u=True, **opts)
-    call = lambda dy=dy, y=y, den=den: launch.chunk_outputs_through_normaliser(dy, y, den, k, v, None, states, **opts)  # noqa: E731
+    def call(dy=dy, y=y, den=den):
+        return launch.chunk_outputs_through_normaliser(dy, y, den, k, v, None, states, **opts)
     with pytest.raises(ValueError, match=r"y must be a contiguous \[BH, L, DK\] = \[2, 20, 16\]"):
         call(y=y[:, :10])
     with pytest.raises(ValueError, match="y must be a contiguous"):

@@ -54,8 +54,8 @@ import triton.language as tl
 from .decays import store_chunk_sums
 from .fast_launch import Launcher
 
-__all__ = ["value_stats", "value_stats_and_chunk_sums", "value_shift", "shift_from_stats", "shifted_rows", "centred_copy", "format_grid",
-           "shift_constants", "stats_rows"]
+__all__ = ["value_stats", "value_stats_and_chunk_sums", "value_shift", "shift_from_stats", "shifted_rows",
+           "centred_copy", "format_grid", "shift_constants", "stats_rows"]
 
 TILES = 8  # tiles per program of the stats kernel: each program sums stats_rows(DV) * TILES rows
 STATS_BLOCK = 64  # blocks of rows shift_from_stats adds per step

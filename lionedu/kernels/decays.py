@@ -7,10 +7,10 @@ last ``g_i``). LION-S has one decay per token: the sums are computed once on the
 attention, by :func:`store_chunk_sums` inside the launch that reads the values for their centring)
 and loaded. LION-D has one decay ``λ_h`` per head, so every ``l_i = log λ_h`` and the sums
 ``g_i = (i + 1) log λ_h`` (``i`` counted from the chunk's start) are computed here, with
-nothing to load but ``log λ_h``, straight from the caller's ``[H]`` decays. The last chunk may end past the sequence; its total ``G``
-then counts positions that do not exist, but that ``G`` is never used: the forward walk
-ends with it, the backward walk starts with it on an empty state, and the outputs use it
-only to read the empty state after the last chunk.
+nothing to load but ``log λ_h``, straight from the caller's ``[H]`` decays. The last chunk may
+end past the sequence; its total ``G`` then counts positions that do not exist, but that ``G``
+is never used: the forward walk ends with it, the backward walk starts with it on an empty
+state, and the outputs use it only to read the empty state after the last chunk.
 """
 from __future__ import annotations
 

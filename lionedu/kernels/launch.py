@@ -278,8 +278,8 @@ def _output_options(DK: int, DV: int, chunk_size: int, precision: str, has_decay
         num_warps=warps, num_stages=stages, LOWER=lower, UPPER=upper, HAS_DECAY=has_decay, SCALAR_DECAY=scalar_decay,
         WITH_DEN=with_den, NORMALIZE=normalize, ROW_OFFSET=row_offset, COL_OFFSET=col_offset, SPLIT=split,
         TRANSPOSED_STATE=transposed_state, SHIFT=shift, SHIFTED=shifted, TWIN=twin, CARRIES=carries,
-        NORMALISER_GRADIENT=normaliser_gradient, CHUNK=chunk_size, DK=DK, DV=DV, BLOCK_DV=block_dv, BLOCK_DV2=block_dv2, PRECISION=precision,
-        PERSISTENT=persistent, LOOP_STAGES=loop_stages)
+        NORMALISER_GRADIENT=normaliser_gradient, CHUNK=chunk_size, DK=DK, DV=DV, BLOCK_DV=block_dv,
+        BLOCK_DV2=block_dv2, PRECISION=precision, PERSISTENT=persistent, LOOP_STAGES=loop_stages)
 
 
 def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: bool = False,

@@ -322,7 +322,7 @@ def chunk_output_kernel(
     tl.static_assert(not (CARRIES and (TRANSPOSED_STATE or ROW_OFFSET or COL_OFFSET or TWIN)),
                      "a segmented walk's carries are added to states read as stored, without offsets or a twin")
     tl.static_assert(not NORMALISER_GRADIENT or (ROW_OFFSET and not (WITH_DEN or SHIFTED or TWIN)),
-                     "the normaliser's gradient makes the row offsets, reads the normaliser and takes the second layout")
+                     "the normaliser's gradient makes the row offsets, reads the normaliser, takes the second layout")
     if PERSISTENT:
         for t in tl.range(tl.program_id(0), N * BH, tl.num_programs(0), num_stages=LOOP_STAGES):
             _chunk_output(t % N, (t // N).to(tl.int64), BH, L, N, decay_heads, q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr,
