@@ -119,14 +119,18 @@ def test_gpu_shift_of_a_long_sequence(dv):
 
 
 @settings(max_examples=15, deadline=None)
-@given(B=st.integers(1, 2), H=st.integers(1, 3), L=st.integers(1, 1200), DV=st.sampled_from([16, 64]),
+@given(B=st.integers(1, 2), H=st.integers(1, 3), L=st.integers(1, 1200), DV=st.sampled_from([16, 64, 256]),
        chunk_size=st.sampled_from([16, 32, 64, 128]), heads_last=st.booleans(),
-       decay_dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**31 - 1))
+       decay_dtype=st.sampled_from([torch.float16, torch.float32, torch.float64]
+                                   + ([torch.bfloat16] if DEVICE == "cuda" else [])),
+       seed=st.integers(0, 2**31 - 1))
 def test_stats_launch_makes_the_chunk_sums(B, H, L, DV, chunk_size, heads_last, decay_dtype, seed):
     """:func:`value_stats_and_chunk_sums`: the same block sums as :func:`value_stats`, bit for bit,
     and the log decays' chunk-local sums (tail padded with log decay 0 to whole chunks) against
     float64, for any length, chunk size, float dtype and layout of the decays (an attention
-    layer's gate arrives as a transposed view of ``[B, L, H]``)."""
+    layer's gate arrives as a transposed view of ``[B, L, H]``; bfloat16 on a GPU only, where the
+    interpreter's numpy has no such type), and for 256 value columns, whose blocks of rows are
+    shorter (several chunks of 128 a program, or two)."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     v = 3 + torch.randn(B * H, L, DV, generator=gen, device=DEVICE)
     shape = (B, L, H) if heads_last else (B, H, L)
@@ -143,8 +147,9 @@ def test_stats_launch_makes_the_chunk_sums(B, H, L, DV, chunk_size, heads_last, 
 
 
 def test_stats_launch_refuses_bad_decays():
-    """Decays of another shape, a chunk size that is not a power of two or is wider than the
-    stats kernel's block of rows, and a decay that is not a tensor: refused by name."""
+    """Decays of another shape or of an integer dtype, a chunk size that is not an int, not a power
+    of two or wider than the stats kernel's block of rows, and a decay that is not a tensor:
+    refused by name."""
     v = torch.rand(6, 40, 16, device=DEVICE)
     good = torch.zeros(2, 3, 40, device=DEVICE)
     with pytest.raises(ValueError, match=r"log_decay must have shape \[B, H, L\] with B \* H = 6 and L = 40"):
@@ -156,6 +161,10 @@ def test_stats_launch_refuses_bad_decays():
             value_stats_and_chunk_sums(v, good, bad)
     with pytest.raises(TypeError, match="log_decay must be a tensor"):
         value_stats_and_chunk_sums(v, good.tolist(), 16)
+    with pytest.raises(ValueError, match="log_decay must be a floating-point tensor on v's device"):
+        value_stats_and_chunk_sums(v, good.int(), 16)
+    with pytest.raises(TypeError, match="chunk_size must be an int"):
+        value_stats_and_chunk_sums(v, good, 16.0)
 
 
 def test_mean_as_shift_rounds_every_value_alike():

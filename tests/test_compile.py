@@ -64,7 +64,7 @@ def test_operators_pass_opcheck(variant, causal, layout):
     """PyTorch's own checks of a custom operator: schema, fake implementation against the real
     one (shapes, dtypes and strides, also for inputs that are transposed views, as a layer's
     projections give), autograd registration, tracing (torch.library.opcheck)."""
-    q, k, v, log_decay = make_inputs(1, 2, 37, 12, 20, variant, seed=3)
+    q, k, v, log_decay = make_inputs(2, 2, 37, 12, 20, variant, seed=3)  # B > 1: LION-D's g has H entries, not B * H
     if layout == "transposed":  # [B, H, L, D] views of [B, L, H, D] memory
         q, k, v = (t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in (q, k, v))
     args = (q, k, v, log_decay, causal, True, 16, 16 if DEVICE == "cpu" else 64)

@@ -248,7 +248,7 @@ def test_feature_map_kernels_compile(capability, pointer):
 def test_centring_kernels_compile(capability, dtype):
     """The values' shift (lionedu/kernels/centring.py): both kernels compile to machine code for
     an H100/H200 and a T4 in each dtype they take there (the stats kernel as launched for 64- and
-    256-wide heads), without atomics (the blocks' sums are
+    256-wide heads, with and without LION-S's chunk sums of the log decays), without atomics (the blocks' sums are
     added in a fixed order, so a call's bits do not depend on which program finished first)."""
     pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     sizes = _compile(COMPILE_CENTRING, capability, pointer)

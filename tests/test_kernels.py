@@ -655,8 +655,9 @@ def test_outputs_through_normaliser(L, widths, decay, triangles, persistent, hea
 
 
 def test_outputs_through_normaliser_refuse_bad_inputs():
-    """The saved output ``y`` and the normaliser ``den`` of another shape, dtype or layout, and a
-    ``dy`` the kernel cannot read row by row: ``ValueError`` / ``TypeError`` naming the argument."""
+    """The saved output ``y`` and the normaliser ``den`` of another shape, dtype or layout, a ``dy``
+    the kernel cannot read row by row, states without the value sums the row offsets meet, and a
+    shift of the queries the launch makes itself: ``ValueError`` / ``TypeError`` naming the argument."""
     from lionedu.kernels import launch
 
     BH, L, C = 2, 20, 16
@@ -666,11 +667,11 @@ def test_outputs_through_normaliser_refuse_bad_inputs():
     states = launch.chunk_states(k, v, None, with_u=True, **opts)
     def call(dy=dy, y=y, den=den):
         return launch.chunk_outputs_through_normaliser(dy, y, den, k, v, None, states, **opts)
-    with pytest.raises(ValueError, match=r"y must be a contiguous \[BH, L, DK\] = \[2, 20, 16\]"):
+    with pytest.raises(ValueError, match=r"^y must be a contiguous \[BH, L, DK\] = \[2, 20, 16\]"):
         call(y=y[:, :10])
-    with pytest.raises(ValueError, match="y must be a contiguous"):
+    with pytest.raises(ValueError, match="^y must be a contiguous"):
         call(y=y.double())
-    with pytest.raises(ValueError, match="y must be a contiguous"):
+    with pytest.raises(ValueError, match="^y must be a contiguous"):
         call(y=y.transpose(0, 1).contiguous().transpose(0, 1))
     with pytest.raises(ValueError, match=r"den must be a contiguous \[BH, L\] = \[2, 20\] float32"):
         call(den=den.double())
@@ -680,6 +681,15 @@ def test_outputs_through_normaliser_refuse_bad_inputs():
         call(den=1.0)
     with pytest.raises(ValueError, match="dy must be"):
         call(dy=dy[:, :, :8])
+    with pytest.raises(ValueError, match="value sums u"):
+        launch.chunk_outputs_through_normaliser(dy, y, den, k, v, None, launch.States(states.S), **opts)
+    with pytest.raises(ValueError, match="shifted='q'"):
+        launch.chunk_outputs_through_normaliser(dy, y, den, k, v, None, states, shift=torch.zeros(BH, 16, device=DEVICE),
+                                                shifted="q", **opts)
+    folded = launch.chunk_states(k, v, None, with_z=True, fold_carries=True, **opts)._replace(u=states.u)
+    if folded.starts is not None:  # (a walk in segments: on a GPU with few sequences)
+        with pytest.raises(ValueError, match="carries"):
+            launch.chunk_outputs_through_normaliser(dy, y, den, k, v, None, folded, **opts)
 
 
 def test_one_decay_per_head_is_read_in_place():
@@ -698,6 +708,9 @@ def test_one_decay_per_head_is_read_in_place():
     assert torch.equal(got, want)
     with pytest.raises(ValueError, match="length that divides BH = 6"):
         launch.masked_operator(q, k, v, torch.cat([per_head, per_head[:1]]), **opts)
+    for bad in (per_head.double(), torch.stack([per_head, per_head], 1)[:, 0]):  # float64; a stride of 2
+        with pytest.raises(ValueError, match="contiguous float32"):
+            launch.masked_operator(q, k, v, bad, **opts)
 
 
 def test_twin_queries_must_meet_the_values():

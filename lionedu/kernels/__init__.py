@@ -109,7 +109,7 @@ def chunkwise(q, k, v, log_decay=None, *, causal=False, normalize=True, chunk_si
     and the host overhead matters. Shapes, dtypes and devices are always checked.
 
     Speed: at short lengths a step is bound by the host, not the GPU: a step of normalised LION-S
-    makes eight Triton launches from Python, three in the forward (the values' block sums for the
+    (16-bit, heads and chunks of 64) makes eight Triton launches from Python, three in the forward (the values' block sums for the
     centring with the decays' chunk sums, :mod:`.centring`; the states; the outputs) and five in
     the backward (three output launches, the first making the normaliser's gradient; one states
     pass; the decay gradient); more where few sequences have their walks split into segments

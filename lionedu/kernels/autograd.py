@@ -89,8 +89,8 @@ def _unflatten(t, B: int, H: int, d: int):
 
 class Saved(NamedTuple):
     """What the backward pass needs from the forward: the flattened, padded inputs
-    ``q, k [BH, L, D']``, ``v [BH, L, Dv']``, the chunk sums of the log decays ``g`` (``None``
-    for LIT), the centred output ``y - m [B, H, L, Dv']`` (zero past ``Dv``; ``None`` unnormalised,
+    ``q, k [BH, L, D']``, ``v [BH, L, Dv']``, the decays in the kernels' form ``g`` (``None``
+    for LIT, the caller's ``[H]`` decays as float32 for LION-D, the chunk sums for LION-S), the centred output ``y - m [B, H, L, Dv']`` (zero past ``Dv``; ``None`` unnormalised,
     whose backward does not read the output), the normaliser
     ``den [BH, L]`` and the forward's states ``S`` and key sums ``z`` (:class:`.launch.States`;
     ``den`` and ``z`` are ``None`` unnormalised) and the values' shift ``m [BH, Dv']`` float32
@@ -191,8 +191,8 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
     if normalize:
         # The launch makes dN = dY / c and dc = -(dY . Y) / c as it loads its queries, reading dY in
         # the caller's layout where it can, and stores both for the launches below.
-        if not (p == Dv and dy.stride(-1) == 1):
-            dy = _flatten(dy, least)
+        # (a contiguous dy as its flat view, which Triton specialises: H = 1)
+        dy = _rows(dy) if p == Dv and dy.stride(-1) == 1 else _flatten(dy, least)
         dq, r, dn, dc = chunk_outputs_through_normaliser(dy, y.view(B * H, L, p), den, v, k, g, States(S, u=z),
                                                          **dq_options)
     else:

@@ -205,6 +205,11 @@ def value_stats_and_chunk_sums(v: torch.Tensor, log_decay: torch.Tensor, chunk_s
     BH, L, DV = v.shape
     if not isinstance(log_decay, torch.Tensor):
         raise TypeError(f"log_decay must be a tensor, got {type(log_decay).__name__}")
+    if not log_decay.is_floating_point() or log_decay.device != v.device:
+        raise ValueError(f"log_decay must be a floating-point tensor on v's device ({v.device}), got {log_decay.dtype} "
+                         f"on {log_decay.device}")
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
     if log_decay.dim() != 3 or log_decay.shape[0] * log_decay.shape[1] != BH or log_decay.shape[2] != L:
         raise ValueError(f"log_decay must have shape [B, H, L] with B * H = {BH} and L = {L}, got "
                          f"{list(log_decay.shape)}")

@@ -50,7 +50,10 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: Optio
                                                                     torch.Tensor]:
     y, saved = attention_forward(q, k, v, log_decay, causal, normalize, chunk_size, least)
     centred = y.new_empty(0) if saved.shift is None else saved.y  # (y itself may not be returned twice)
-    return (y, _or_empty(saved.g, y), _or_empty(saved.den, y), saved.S, _or_empty(saved.z, y), centred,
+    # LION-D's g is the caller's float32 [H] decays themselves, and an operator's output may not be
+    # one of its inputs: a copy of H numbers.
+    g = saved.g.clone() if saved.g is not None and saved.g.dim() == 1 else saved.g
+    return (y, _or_empty(g, y), _or_empty(saved.den, y), saved.S, _or_empty(saved.z, y), centred,
             _or_empty(saved.shift, y))
 
 
@@ -62,8 +65,8 @@ def _(q, k, v, log_decay, causal, normalize, chunk_size, least):
     f32 = dict(dtype=torch.float32, device=q.device)
     if log_decay is None:
         g = q.new_empty(0)
-    elif log_decay.dim() == 1:
-        g = q.new_empty(B * H, **f32)
+    elif log_decay.dim() == 1:  # the caller's [H] decays, as float32
+        g = q.new_empty(H, **f32)
     else:
         g = q.new_empty(B * H, N * chunk_size, **f32)
     den = q.new_empty(B * H, L, **f32) if normalize else q.new_empty(0)

@@ -6,7 +6,7 @@ pointer and whether its address is a multiple of 16 bytes; whether each integer 
 multiple of 16, fits in 32 bits), turn that into a cache key, look the compiled kernel up,
 check that the globals the kernel reads have not changed, and only then launch it. On the
 H200 host of results/ that was 19-27 µs a call, of which the compiled kernel's own launch
-is 6-9 µs; a training step of LION makes nine such calls (more with walks in segments), and at
+is 6-9 µs; a training step of normalised LION-S makes eight such calls (more with walks in segments), and at
 short lengths the GPU waits for them.
 
 :class:`Launcher` keeps the compiled kernel that Triton returns for each key of its own,

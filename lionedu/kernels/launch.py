@@ -247,6 +247,9 @@ def _decay_heads(g, BH: int) -> int:
     ``g[bh % decay_heads]``), else 1 (unused). A length that does not divide ``BH`` is refused."""
     if g is None or g.dim() != 1:
         return 1
+    if g.dtype != torch.float32 or not g.is_contiguous():
+        raise ValueError(f"g with one log decay per head must be a contiguous float32 tensor, got {g.dtype} with "
+                         f"stride {g.stride()}")
     if g.shape[0] == 0 or BH % g.shape[0]:
         raise ValueError(f"g with one log decay per head must have a length that divides BH = {BH} "
                          f"(sequences b * H + h take g[h]), got {g.shape[0]}")
@@ -435,6 +438,12 @@ def chunk_outputs_through_normaliser(dy, y, den, k, v, g, states: States, *, low
         raise ValueError(f"den must be a contiguous [BH, L] = {[BH, L]} float32 tensor on {k.device}; got "
                          f"{list(den.shape)}, {den.dtype} on {den.device}")
     check_rows(dy, "dy", BH, L, DK, k.dtype, k.device)
+    if states.u is None:
+        raise ValueError("chunk_outputs_through_normaliser needs the states' value sums u (chunk_states(..., with_u=True), "
+                         "or the forward's key sums): the row offsets meet them")
+    if shift is not None and shifted == "q":
+        raise ValueError("chunk_outputs_through_normaliser makes its queries dN itself: shifting them (shifted='q') "
+                         "is not supported; shift the keys or the values")
     out, _, dots, dn, dc = _outputs(dy, k, v, g, states, None, lower=lower, upper=upper, chunk_size=chunk_size,
                                     partner=partner, transposed_state=transposed_state, persistent=persistent,
                                     shift=shift, shifted=shifted, normaliser=(y, den))
@@ -464,7 +473,7 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
         raise ValueError("the twin operator runs on one program per chunk, not on the persistent grid")
     starts = states.starts
     if starts is not None and (transposed_state or q2 is not None or row_offset is not None or col_offset is not None
-                               or persistent):
+                               or normaliser is not None or persistent):
         raise ValueError("chunk_outputs adds a segmented walk's carries (states.starts) only to states read as "
                          "stored, on one program per chunk, without offsets or a twin")
     if starts is not None and (starts.gamma is None) != (g is None):

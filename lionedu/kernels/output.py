@@ -292,7 +292,7 @@ def chunk_output_kernel(
     LOWER: tl.constexpr,  # keys j < i count (forward state in slot 0)
     UPPER: tl.constexpr,  # keys j > i count (backward state in the next slot)
     HAS_DECAY: tl.constexpr,  # False for LIT: no exponentials
-    SCALAR_DECAY: tl.constexpr,  # LION-D: one decay per sequence, g computed (decays.py)
+    SCALAR_DECAY: tl.constexpr,  # LION-D: one decay per head, g computed (decays.py)
     WITH_DEN: tl.constexpr,  # compute (and store) the normaliser
     NORMALIZE: tl.constexpr,  # divide by the normaliser before storing
     ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,  # scores q_i . k_j + a_i  /  + b_j

@@ -94,7 +94,7 @@ def chunk_states_kernel(
     decay_heads,  # SCALAR_DECAY: entries of g, sequence bh taking g[bh % decay_heads] (decays.py)
     FIRST_DIRECTION: tl.constexpr,  # direction of slot 0: 0 forward (H), 1 backward (R)
     HAS_DECAY: tl.constexpr,  # False for LIT: every decay is 1, no exponentials at all
-    SCALAR_DECAY: tl.constexpr,  # LION-D: one decay per sequence, g computed, not loaded
+    SCALAR_DECAY: tl.constexpr,  # LION-D: one decay per head, g computed, not loaded
     WITH_Z: tl.constexpr, WITH_U: tl.constexpr, WITH_W: tl.constexpr,  # which vectors to keep
     SEGMENTED: tl.constexpr,  # the walk is split into segments (carries.py adds what comes before each)
     CHUNK: tl.constexpr,  # C, tokens per chunk
