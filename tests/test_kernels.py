@@ -614,13 +614,17 @@ def test_outputs_and_twin(L, widths, decay, triangles, offset, transposed, seed)
 @given(L=st.integers(1, 100), widths=st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2])),
        decay=st.sampled_from(["lit", "d", "s"]),
        triangles=st.sampled_from([(True, True), (True, False), (False, True)]),
-       persistent=st.booleans(), heads_layout=st.booleans(), partner=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_outputs_through_normaliser(L, widths, decay, triangles, persistent, heads_layout, partner, seed):
+       persistent=st.booleans(), heads_layout=st.booleans(), partner=st.booleans(), transposed=st.booleans(),
+       shifted=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_outputs_through_normaliser(L, widths, decay, triangles, persistent, heads_layout, partner, transposed, shifted,
+                                    seed):
     """``chunk_outputs_through_normaliser``: one launch makes the queries ``dN = dy / c`` and the row
     offsets ``dc = -(dy . y) / c`` from the output gradient as it loads it, stores both, and makes
     the operator with them; against the explicit mask in float64, and ``dN``, ``dc`` against the
     normaliser's own kernel. ``dy`` flat or in a ``[B, L, H, W]`` caller's layout, either grid,
-    ``DK != DV`` where drawn, any length."""
+    ``DK != DV`` where drawn, any length; and as the backward calls it where drawn: the states
+    stored transposed (made with keys and values swapped, their key sums as the value sums) and the
+    keys centred as loaded (``shift``, ``shifted="k"``; the states then of the centred keys)."""
     from lionedu.kernels import launch
     from lionedu.kernels.normaliser import normaliser_gradient
 
@@ -635,17 +639,25 @@ def test_outputs_through_normaliser(L, widths, decay, triangles, persistent, hea
     per_token, g = _random_decays(gen, BH, L, C, decay)
     lower, upper = triangles
     opts = dict(lower=lower, upper=upper, chunk_size=C)
-    states = launch.chunk_states(k, v, g, with_u=True, **opts)
+    shift = rand(BH, DK) if shifted else None
+    keys = k if shift is None else (k.float() - shift[:, None, :]).to(k.dtype)  # as the kernel centres them
+    if transposed:
+        swapped = launch.chunk_states(v, keys, g, with_z=True, **opts)
+        states = launch.States(swapped.S, u=swapped.z)
+    else:
+        states = launch.chunk_states(keys, v, g, with_u=True, **opts)
     out, dots, dn, dc = launch.chunk_outputs_through_normaliser(dy, y, den, k, v, g, states,
                                                                 partner=p if partner else None,
-                                                                persistent=persistent, **opts)
+                                                                transposed_state=transposed, persistent=persistent,
+                                                                shift=shift, shifted="k", **opts)
     dy64 = dy.double().reshape(BH, L, DK)
     dn_ref, dc_ref = dy64 / den.double()[..., None], -(dy64 * y.double()).sum(-1) / den.double()
     assert dn.shape == (BH, L, DK) and dn.dtype == dy.dtype and dc.shape == (BH, L) and dc.dtype == torch.float32
     assert _rel(dn, dn_ref) < 1e-6 and _rel(dc, dc_ref) < 1e-6
     for got, alone in zip((dn, dc), normaliser_gradient(dy, y, den)):
         assert _rel(got, alone) < 1e-6
-    ref, ref_dots = _operator_reference(dn_ref, k, v, per_token, lower, upper, a=dc_ref, partner=p if partner else None)
+    ref, ref_dots = _operator_reference(dn_ref, keys, v, per_token, lower, upper, a=dc_ref,
+                                        partner=p if partner else None)
     assert _rel(out, ref) < 1e-5
     if partner:
         for got, want in zip(dots, ref_dots):
