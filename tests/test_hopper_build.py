@@ -63,6 +63,10 @@ pointers = {n: pointer for n in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "partner_
 launches = {  # the backward's three output launches (lionedu/kernels/autograd.py), LION-S, bidirectional
     "dQ": dict(ROW_OFFSET=True, SPLIT=True, TRANSPOSED_STATE=True, SHIFT=2, NORMALISER_GRADIENT=True),
     "dK": dict(COL_OFFSET=True, SPLIT=True, SHIFT=1),
+    # LION-D's: one decay per head, and each chunk's moments of the partner dots
+    "dQ of LION-D": dict(ROW_OFFSET=True, SPLIT=True, DOT_MOMENTS=True, TRANSPOSED_STATE=True, SHIFT=2,
+                         NORMALISER_GRADIENT=True, SCALAR_DECAY=True),
+    "dK of LION-D": dict(COL_OFFSET=True, SPLIT=True, DOT_MOMENTS=True, SHIFT=1, SCALAR_DECAY=True),
     "dV": dict(TRANSPOSED_STATE=True),
     # dK and dV in one launch (launch.chunk_outputs_and_twin), which runs one program per chunk
     "dK and dV": dict(COL_OFFSET=True, SPLIT=True, SHIFT=1, TWIN=True, PERSISTENT=False, LOOP_STAGES=1),
@@ -70,13 +74,15 @@ launches = {  # the backward's three output launches (lionedu/kernels/autograd.p
 result = {}
 for name, flags in launches.items():
     consts = dict(LOWER=True, UPPER=True, HAS_DECAY=True, SCALAR_DECAY=False, WITH_DEN=False, NORMALIZE=False,
-                  ROW_OFFSET=False, COL_OFFSET=False, SPLIT=False, TRANSPOSED_STATE=False, SHIFT=0, SHIFTED=False,
-                  TWIN=False, CARRIES=False, NORMALISER_GRADIENT=False, CHUNK=chunk, DK=d, DV=d, BLOCK_DV=min(d, 64),
+                  ROW_OFFSET=False, COL_OFFSET=False, SPLIT=False, DOT_MOMENTS=False, TRANSPOSED_STATE=False, SHIFT=0,
+                  SHIFTED=False, TWIN=False, CARRIES=False, NORMALISER_GRADIENT=False, CHUNK=chunk, DK=d, DV=d, BLOCK_DV=min(d, 64),
                   BLOCK_DV2=min(d, 64),
                   PRECISION="tf32",
                   PERSISTENT=True, LOOP_STAGES=stages)
     consts.update(flags)
-    kernel = compile_for_gpu(chunk_output_kernel, consts, OUTPUT_INTEGERS, pointers)
+    dots = "*fp64" if consts["DOT_MOMENTS"] else "*fp32"  # the moments are float64
+    kernel = compile_for_gpu(chunk_output_kernel, consts, OUTPUT_INTEGERS,
+                             {**pointers, "dot_before_ptr": dots, "dot_after_ptr": dots})
     result[name] = dict(shared=kernel.metadata.shared,
                         async_copies=kernel.asm["ttgir"].count("async_copy_global_to_local"))
 print(json.dumps(result))
@@ -93,7 +99,8 @@ kernels = {  # the forward's two launches (lionedu/kernels/autograd.py), LION-S,
                     BLOCK_DV=64, WEIGHTS_BY_PRODUCT=False, SHIFT_VALUES=True, **shift_constants(torch.float32))),
     "output": (chunk_output_kernel, OUTPUT_INTEGERS,
                dict(LOWER=True, UPPER=True, WITH_DEN=True, NORMALIZE=True, ROW_OFFSET=False, COL_OFFSET=False,
-                    SPLIT=False, TRANSPOSED_STATE=False, SHIFT=3, SHIFTED=True, TWIN=False, CARRIES=False,
+                    SPLIT=False, DOT_MOMENTS=False, TRANSPOSED_STATE=False, SHIFT=3, SHIFTED=True, TWIN=False,
+                    CARRIES=False,
                     NORMALISER_GRADIENT=False, BLOCK_DV=64,
                     BLOCK_DV2=64,
                     PERSISTENT=False, LOOP_STAGES=1)),

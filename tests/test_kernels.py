@@ -492,9 +492,31 @@ def test_decay_gradient_kernel(BH, L, seed):
     got = decay_gradient(rb, ra, cb, ca)
     assert got.dtype == torch.float32 and got.shape == (BH, L)
     assert _rel(got, ref) < 1e-6
-    # LION-D's per-sequence sums come from one pass with their own formula
-    sums = decay_gradient(rb, ra, cb, ca, row_sums=True)
-    assert sums.shape == (BH,) and _rel(sums, ref.sum(-1)) < 1e-6
+
+
+@settings(max_examples=8, deadline=None)
+@given(B=st.integers(1, 3), H=st.integers(1, 3), L=st.sampled_from([1, 5, 64, 1000, 2500]), C=st.sampled_from([1, 16, 64]),
+       seed=st.integers(0, 2**16))
+def test_head_decay_gradient_kernel(B, H, L, C, seed):
+    """LION-D's decay gradient from each chunk's moments of the dots (``sum_i x_i``, ``sum_i i x_i``):
+    per head, ``sum_t dl_t`` over its positions and its sequences ``b * H + h``, against the per-position
+    formula in float64 summed. Chunks of 1 at L = 2500 give more than one block of 1024 entries."""
+    from lionedu.kernels.decay_gradient import head_decay_gradient
+
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    BH, N = B * H, -(-L // C)
+    rb, ra, cb, ca = (torch.randn(BH, L, device=DEVICE, generator=gen).double() for _ in range(4))
+    a, d = rb - cb, (ra - ca) - (rb - cb)
+    ref = (a.sum(-1, keepdim=True) + d.cumsum(-1) - d).sum(-1).view(B, H).sum(0)
+    at = torch.arange(N * C, dtype=torch.float64, device=DEVICE).view(N, C)
+
+    def moments(x):  # [BH, L] -> [BH, N, 2]
+        x = torch.nn.functional.pad(x, (0, N * C - L)).view(BH, N, C)
+        return torch.stack((x.sum(-1), (x * at).sum(-1)), -1).contiguous()
+
+    got = head_decay_gradient(*(moments(x) for x in (rb, ra, cb, ca)), L, H)
+    assert got.dtype == torch.float32 and got.shape == (H,)
+    assert _rel(got, ref) < 1e-6  # float64 inside: float32's rounding of the result is all that is left
 
 
 def _random_decays(gen, BH, L, C, decay):
@@ -532,19 +554,41 @@ def _operator_reference(q, k, v, log_decay, lower, upper, a=None, b=None, partne
     return out, dots
 
 
+def _check_partner_dots(dots, ref_dots, ref, moments: bool, C: int):
+    """The kernels' partner dots against the float64 ones, relative to the larger of their norm and
+    the output's; with ``moments``, each chunk's ``sum_i x_i`` and ``sum_i i x_i`` of them (``i`` the
+    position in the sequence), to the bound the dots' tolerance implies: a chunk's sum adds ``C``
+    errors (a factor ``sqrt(C)`` on the norm), and the weights ``i`` are below ``L``."""
+    for got, want in zip(dots, ref_dots):
+        bound = 1e-5 * max(float(want.norm()), float(ref.norm()))
+        if not moments:
+            assert got.shape == want.shape and got.dtype == torch.float32
+            assert float((got.double() - want).norm()) <= bound
+            continue
+        BH, L = want.shape
+        N = -(-L // C)
+        x = torch.nn.functional.pad(want, (0, N * C - L)).view(BH, N, C)
+        at = torch.arange(N * C, dtype=torch.float64, device=want.device).view(N, C)
+        assert got.shape == (BH, N, 2) and got.dtype == torch.float64
+        assert float((got[..., 0] - x.sum(-1)).norm()) <= C**0.5 * bound
+        assert float((got[..., 1] - (x * at).sum(-1)).norm()) <= L * C**0.5 * bound
+
+
 @settings(max_examples=10, deadline=None)
 @given(L=st.integers(1, 100), widths=st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2])),
        tile_dk=st.sampled_from([16, 32, 64]), tile_dv=st.sampled_from([16, 32, 64]), segments=st.sampled_from([1, 2, 3, 7]),
        decay=st.sampled_from(["lit", "d", "s"]), triangles=st.sampled_from([(True, True), (True, False), (False, True)]),
-       offset=st.sampled_from(["row", "col"]), persistent=st.booleans(), seed=st.integers(0, 2**31 - 1))
+       offset=st.sampled_from(["row", "col"]), persistent=st.booleans(), moments=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
 def test_masked_operator_with_offsets_and_state_tiles(L, widths, tile_dk, tile_dv, segments, decay, triangles, offset,
-                                                      persistent, seed):
+                                                      persistent, moments, seed):
     """One masked operator with a row or column offset and partner dots (what the backward
     pass asks of the kernels), the states computed in tiles of ``tile_dk`` key features by
     ``tile_dv`` value columns (programs that own part of the state's rows store the value
     sums u, w only once) and with the walk split into up to ``segments`` segments
     (carries.py), the outputs on either grid (one program per chunk, or persistent programs
-    that loop over chunks), against the explicit mask in float64. Head dims 16 or 32 under the
+    that loop over chunks), against the explicit mask in float64; the dots as they are or as each
+    chunk's moments (``dot_moments``, LION-D's decay gradient). Head dims 16 or 32 under the
     interpreter, 64 or 128 on a GPU (where the kernels only see heads padded to >= 64)."""
     from unittest import mock
 
@@ -564,20 +608,20 @@ def test_masked_operator_with_offsets_and_state_tiles(L, widths, tile_dk, tile_d
     tiles = {"states_block_dk": min(tile_dk, DK), "states_block_dv": min(tile_dv, DV), "states_segments": segments}
     with mock.patch.object(launch, "launch_config", lambda *args, **kw: {**rule(*args, **kw), **tiles}):
         out, _, dots = launch.masked_operator(q, k, v, g, lower=lower, upper=upper, chunk_size=C,
-                                              row_offset=a, col_offset=b, partner=partner, persistent=persistent)
+                                              row_offset=a, col_offset=b, partner=partner, dot_moments=moments,
+                                              persistent=persistent)
     ref, ref_dots = _operator_reference(q, k, v, per_token, lower, upper, a, b, partner)
     assert _rel(out, ref) < 1e-5
-    for got, want in zip(dots, ref_dots):
-        assert float((got.double() - want).norm()) <= 1e-5 * max(float(want.norm()), float(ref.norm()))
+    _check_partner_dots(dots, ref_dots, ref, moments, C)
 
 
 @settings(max_examples=10, deadline=None)
 @given(L=st.integers(1, 100), widths=st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2])),
        decay=st.sampled_from(["lit", "d", "s"]), triangles=st.sampled_from([(True, True), (True, False), (False, True)]),
-       offset=st.booleans(), transposed=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_outputs_and_twin(L, widths, decay, triangles, offset, transposed, seed):
+       offset=st.booleans(), transposed=st.booleans(), moments=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_outputs_and_twin(L, widths, decay, triangles, offset, transposed, moments, seed):
     """``chunk_outputs_and_twin``: one launch makes an operator (with or without a column offset
-    and partner dots, its states read as stored or transposed) and its twin, queries ``q2``
+    and partner dots or their moments, its states read as stored or transposed) and its twin, queries ``q2``
     with keys ``v`` and values ``k``, which reads the same states the other way; both against
     the explicit mask in float64, ``DK != DV`` where drawn, any length."""
     from lionedu.kernels import launch
@@ -598,14 +642,14 @@ def test_outputs_and_twin(L, widths, decay, triangles, offset, transposed, seed)
         states = launch.States(states.S, w=launch.chunk_states(k, v, g, col_offset=b, **opts).w)
     out, dots, out2 = launch.chunk_outputs_and_twin(q, k, v, g, states, q2, col_offset=b,
                                                     partner=partner if offset else None,
-                                                    transposed_state=transposed, **opts)
+                                                    dot_moments=moments and offset, transposed_state=transposed,
+                                                    **opts)
     ref, ref_dots = _operator_reference(q, k, v, per_token, lower, upper, b=b, partner=partner if offset else None)
     ref2, _ = _operator_reference(q2, v, k, per_token, lower, upper)
     assert out2.shape == (BH, L, DK) and out2.dtype == k.dtype
     assert _rel(out, ref) < 1e-5 and _rel(out2, ref2) < 1e-5
     if offset:
-        for got, want in zip(dots, ref_dots):
-            assert float((got.double() - want).norm()) <= 1e-5 * max(float(want.norm()), float(ref.norm()))
+        _check_partner_dots(dots, ref_dots, ref, moments, C)
     else:
         assert dots is None
 
@@ -615,9 +659,9 @@ def test_outputs_and_twin(L, widths, decay, triangles, offset, transposed, seed)
        decay=st.sampled_from(["lit", "d", "s"]),
        triangles=st.sampled_from([(True, True), (True, False), (False, True)]),
        persistent=st.booleans(), heads_layout=st.booleans(), partner=st.booleans(), transposed=st.booleans(),
-       shifted=st.booleans(), seed=st.integers(0, 2**31 - 1))
+       shifted=st.booleans(), moments=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_outputs_through_normaliser(L, widths, decay, triangles, persistent, heads_layout, partner, transposed, shifted,
-                                    seed):
+                                    moments, seed):
     """``chunk_outputs_through_normaliser``: one launch makes the queries ``dN = dy / c`` and the row
     offsets ``dc = -(dy . y) / c`` from the output gradient as it loads it, stores both, and makes
     the operator with them; against the explicit mask in float64, and ``dN``, ``dc`` against the
@@ -648,6 +692,7 @@ def test_outputs_through_normaliser(L, widths, decay, triangles, persistent, hea
         states = launch.chunk_states(keys, v, g, with_u=True, **opts)
     out, dots, dn, dc = launch.chunk_outputs_through_normaliser(dy, y, den, k, v, g, states,
                                                                 partner=p if partner else None,
+                                                                dot_moments=moments and partner,
                                                                 transposed_state=transposed, persistent=persistent,
                                                                 shift=shift, shifted="k", **opts)
     dy64 = dy.double().reshape(BH, L, DK)
@@ -660,8 +705,7 @@ def test_outputs_through_normaliser(L, widths, decay, triangles, persistent, hea
                                         partner=p if partner else None)
     assert _rel(out, ref) < 1e-5
     if partner:
-        for got, want in zip(dots, ref_dots):
-            assert float((got.double() - want).norm()) <= 1e-5 * max(float(want.norm()), float(ref.norm()))
+        _check_partner_dots(dots, ref_dots, ref, moments, C)
     else:
         assert dots is None
 
@@ -685,11 +729,11 @@ def test_outputs_through_normaliser_refuse_bad_inputs():
         call(y=y.double())
     with pytest.raises(ValueError, match="^y must be a contiguous"):
         call(y=y.transpose(0, 1).contiguous().transpose(0, 1))
-    with pytest.raises(ValueError, match=r"den must be a contiguous \[BH, L\] = \[2, 20\] float32"):
+    with pytest.raises(ValueError, match=r"den must be a contiguous \[BH, L\] = \[2, 20\] tensor of dtype torch.float32"):
         call(den=den.double())
     with pytest.raises(ValueError, match="den must be"):
         call(den=den[:, :5])
-    with pytest.raises(TypeError, match="y and den must be tensors"):
+    with pytest.raises(TypeError, match="den must be a tensor"):
         call(den=1.0)
     with pytest.raises(ValueError, match="dy must be"):
         call(dy=dy[:, :, :8])
@@ -735,9 +779,9 @@ def test_twin_queries_must_meet_the_values():
     q, k, v = (torch.rand(BH, L, d, device=DEVICE) for d in (16, 16, 32))
     states = launch.chunk_states(k, v, None, lower=True, upper=True, chunk_size=C)
     opts = dict(lower=True, upper=True, chunk_size=C)
-    with pytest.raises(ValueError, match=r"q2 must have shape \[BH, L, DV\] = \[2, 20, 32\]"):
+    with pytest.raises(ValueError, match=r"q2 must be a contiguous \[BH, L, DV\] = \[2, 20, 32\]"):
         launch.chunk_outputs_and_twin(q, k, v, None, states, q, **opts)
-    with pytest.raises(ValueError, match="q2 must be a contiguous tensor of k's dtype"):
+    with pytest.raises(ValueError, match="q2 must be a contiguous .* of dtype torch.float32"):
         launch.chunk_outputs_and_twin(q, k, v, None, states, v.double(), **opts)
     with pytest.raises(ValueError, match="not contiguous"):
         launch.chunk_outputs_and_twin(q, k, v, None, states, v.transpose(1, 2).contiguous().transpose(1, 2), **opts)
@@ -745,6 +789,25 @@ def test_twin_queries_must_meet_the_values():
         launch.chunk_outputs_and_twin(q, k, v, None, states, v.tolist(), **opts)
     with pytest.raises(ValueError, match="persistent grid"):
         launch._outputs(q, k, v, None, states, v, persistent=True, **opts)
+
+
+def test_partner_and_its_moments_are_checked():
+    """A partner the kernel cannot read as ``[BH, L, DV]`` rows of the values' dtype, and moments
+    asked without a partner, are refused by name before any launch."""
+    from lionedu.kernels import launch
+
+    BH, L, C = 2, 20, 16
+    q, k, v = (torch.rand(BH, L, d, device=DEVICE) for d in (16, 16, 32))
+    states = launch.chunk_states(k, v, None, lower=True, upper=True, chunk_size=C)
+    opts = dict(lower=True, upper=True, chunk_size=C)
+    with pytest.raises(ValueError, match=r"^partner must be a contiguous \[BH, L, DV\] = \[2, 20, 32\]"):
+        launch.chunk_outputs(q, k, v, None, states, partner=q, **opts)
+    with pytest.raises(ValueError, match="^partner must be .* of dtype torch.float32"):
+        launch.chunk_outputs(q, k, v, None, states, partner=v.double(), **opts)
+    with pytest.raises(TypeError, match="^partner must be a tensor"):
+        launch.chunk_outputs(q, k, v, None, states, partner=v.tolist(), **opts)
+    with pytest.raises(ValueError, match="dot_moments .* needs a partner"):
+        launch.chunk_outputs(q, k, v, None, states, dot_moments=True, **opts)
 
 
 @pytest.mark.parametrize("variant", ["lit", "d", "s"])

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .centring import centred_copy, value_stats, value_stats_and_chunk_sums
-from .decay_gradient import decay_gradient
+from .decay_gradient import decay_gradient, head_decay_gradient
 from .launch import (States, chunk_outputs, chunk_outputs_and_twin, chunk_outputs_through_normaliser, chunk_states,
                      next_power_of_2, padded_chunk_sums, persistent_outputs, twin_outputs)
 
@@ -177,6 +177,8 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
     L, p = v.shape[1], v.shape[-1]
     dy = dy.to(v.dtype)
     want_decay = want_decay and g is not None
+    # LION-D's one decay per head needs only each chunk's moments of the partner dots (decay_gradient.py).
+    moments = want_decay and g.dim() == 1
     # Keys before the query (forward), after it (backward): for dQ as for attention;
     # dK and dV see the transposed mask, so in the causal case they take the keys after.
     plain = dict(lower=True, upper=not causal, chunk_size=chunk_size)
@@ -186,8 +188,8 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
 
     # dQ = A(dN, V, K) + row offset dc: the forward's states, read transposed (and V centred as
     # loaded, as in the forward, where normalised).
-    dq_options = dict(transposed_state=True, partner=q if want_decay else None, persistent=persistent, shift=shift,
-                      shifted="k", **plain)
+    dq_options = dict(transposed_state=True, partner=q if want_decay else None, dot_moments=moments,
+                      persistent=persistent, shift=shift, shifted="k", **plain)
     if normalize:
         # The launch makes dN = dY / c and dc = -(dY . Y) / c as it loads its queries, reading dY in
         # the caller's layout where it can, and stores both for the launches below.
@@ -211,7 +213,7 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
         # launch reads a centred copy of V instead (a read and a write of V more).
         v_dk, shift_dk = centred_copy(v, shift), None
     # ... which dV = A(K, Q, dN) reads transposed: in dK's launch where that was measured faster.
-    dk_options = dict(col_offset=dc, partner=k if want_decay else None, shift=shift_dk, **flipped)
+    dk_options = dict(col_offset=dc, partner=k if want_decay else None, dot_moments=moments, shift=shift_dk, **flipped)
     if twin_outputs(v.dtype, k.shape[-1], v.shape[-1], chunk_size, g is not None):
         dk, c, dv = chunk_outputs_and_twin(v_dk, dn, q, g, states, k, out2=dv_out, **dk_options)
     else:
@@ -224,8 +226,8 @@ def attention_backward(dy, saved: Saved, shape, decay_dtype, causal: bool, norma
         # r = (r^<, r^>) from dQ; in dK's operator i and j trade places, so its
         # "before" dot is c^> and its "after" dot c^<.
         (r_before, r_after), (c_after, c_before) = r, c
-        if g.dim() == 1:  # LION-D, one decay per head: summed over positions, then batch
-            d_log_decay = decay_gradient(r_before, r_after, c_before, c_after, row_sums=True).view(B, H).sum(0)
+        if moments:  # LION-D, one decay per head: summed over the head's positions and sequences
+            d_log_decay = head_decay_gradient(r_before, r_after, c_before, c_after, L, H)
         else:
             d_log_decay = decay_gradient(r_before, r_after, c_before, c_after).view(B, H, -1)
         d_log_decay = d_log_decay.to(decay_dtype)

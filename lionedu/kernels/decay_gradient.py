@@ -7,12 +7,21 @@ for ``k_i . dk_i``). A log decay ``l_t`` sits on every pair that straddles ``t``
     dl_t = sum_{i >= t} a_i + sum_{i < t} b_i,     a = r^< - c^<,   b = r^> - c^>
          = sum_i a_i + sum_{i < t} d_i,            d = b - a
 
-so one sequence needs its total of ``a`` and one exclusive prefix sum of ``d``. One program
-walks one sequence twice in blocks of ``BLOCK`` positions; the sums are float64, because a
-prefix sum over ``L`` terms that largely cancel loses digits in float32.
+so one sequence needs its total of ``a`` and one exclusive prefix sum of ``d``
+(:func:`decay_gradient`). One program walks one sequence twice in blocks of ``BLOCK`` positions;
+the sums are float64, because a prefix sum over ``L`` terms that largely cancel loses digits in
+float32.
 
-A decay shared by all positions of a head (LION-D) only needs ``sum_t dl_t`` per sequence,
-``L sum_i a_i + sum_i (L - 1 - i) d_i``: one pass, and no ``[BH, L]`` result (``ROW_SUMS``).
+A decay shared by all positions of a head (LION-D) only needs ``sum_t dl_t``, summed over the
+head's sequences too. ``a_i`` counts in ``dl_t`` for the ``i + 1`` positions ``t <= i`` and ``b_i``
+for the ``L - 1 - i`` after it, so
+
+    sum_t dl_t = sum_i (i + 1) a_i + (L - 1 - i) b_i,
+
+which the chunks' moments of the dots give, ``sum_i x_i`` and ``sum_i i x_i`` (the output kernel's
+``DOT_MOMENTS``: two float64 numbers per chunk instead of ``C`` dots). :func:`head_decay_gradient`
+adds them up, one program per head, over the head's sequences and chunks in a fixed order: no scan,
+no ``[BH, L]`` dots, and no batch sum after the launch.
 """
 from __future__ import annotations
 
@@ -25,9 +34,9 @@ import triton.language as tl
 from .fast_launch import Launcher
 from .launch import next_power_of_2
 
-__all__ = ["decay_gradient"]
+__all__ = ["decay_gradient", "head_decay_gradient"]
 
-BLOCK = 1024  # positions per step of a program's walk
+BLOCK = 1024  # positions (per head: chunks) per step of a program's walk
 
 
 @triton.jit
@@ -40,9 +49,8 @@ def _difference(x_ptr, y_ptr, at, ok):
 @triton.jit
 def decay_gradient_kernel(
     r_before_ptr, r_after_ptr, c_before_ptr, c_after_ptr,  # row dots [BH, L] float32
-    out_ptr,  # out: dl [BH, L] float32, or with ROW_SUMS its sum over positions [BH]
+    out_ptr,  # out: dl [BH, L] float32
     L,
-    ROW_SUMS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
@@ -50,47 +58,79 @@ def decay_gradient_kernel(
     steps = tl.arange(0, BLOCK)
 
     # ---- Pass 1: sum_i a_i, accumulated block by block (elementwise, then one reduction) ----
-    # (with ROW_SUMS also sum_i (L - 1 - i) d_i, and that is all: sum_t dl_t needs no pass 2)
     acc = tl.zeros([BLOCK], dtype=tl.float64)
-    weighted = tl.zeros([BLOCK], dtype=tl.float64)
+    for start in range(0, L, BLOCK):
+        t = start + steps
+        acc += _difference(r_before_ptr, c_before_ptr, row + t, t < L)  # r^< - c^<
+    carry = tl.sum(acc, axis=0)
+    # ---- Pass 2: dl_t = sum_i a_i + (prefix sum of d before t) ------------------------------
+    # Within a block the exclusive prefix sum is the inclusive one (tl.cumsum) minus the
+    # term; ``carry`` brings in everything before the block.
     for start in range(0, L, BLOCK):
         t = start + steps
         ok = t < L
-        a = _difference(r_before_ptr, c_before_ptr, row + t, ok)  # r^< - c^<
-        acc += a
-        if ROW_SUMS:
-            b = _difference(r_after_ptr, c_after_ptr, row + t, ok)  # r^> - c^>
-            weighted += (b - a) * (L - 1 - t).to(tl.float64)
-    carry = tl.sum(acc, axis=0)
-    if ROW_SUMS:
-        tl.store(out_ptr + seq, (L * carry + tl.sum(weighted, axis=0)).to(tl.float32))
-    else:
-        # ---- Pass 2: dl_t = sum_i a_i + (prefix sum of d before t) --------------------------
-        # Within a block the exclusive prefix sum is the inclusive one (tl.cumsum) minus the
-        # term; ``carry`` brings in everything before the block.
-        for start in range(0, L, BLOCK):
-            t = start + steps
-            ok = t < L
-            a = _difference(r_before_ptr, c_before_ptr, row + t, ok)
-            d = _difference(r_after_ptr, c_after_ptr, row + t, ok) - a  # b - a
-            tl.store(out_ptr + row + t, (carry + tl.cumsum(d, axis=0) - d).to(tl.float32), mask=ok)
-            carry += tl.sum(d, axis=0)
+        a = _difference(r_before_ptr, c_before_ptr, row + t, ok)
+        d = _difference(r_after_ptr, c_after_ptr, row + t, ok) - a  # b - a
+        tl.store(out_ptr + row + t, (carry + tl.cumsum(d, axis=0) - d).to(tl.float32), mask=ok)
+        carry += tl.sum(d, axis=0)
+
+
+@triton.jit
+def head_decay_gradient_kernel(
+    r_before_ptr, r_after_ptr, c_before_ptr, c_after_ptr,  # the dots' moments [BH, N, 2] float64
+    out_ptr,  # out: sum_t dl_t over the head's sequences [H] float32
+    L, N, B, H,  # positions and chunks per sequence, sequences per head (bh = b * H + h), heads
+    BLOCK: tl.constexpr,
+):
+    h = tl.program_id(0).to(tl.int64)
+    steps = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], dtype=tl.float64)
+    # The head's B * N chunks, BLOCK at a time, in order: chunk n of its b-th sequence is entry
+    # j = b * N + n, whose two moments (sum x_i, sum i x_i) sit at ((b * H + h) * N + n) * 2.
+    for first in range(0, B * N, BLOCK):
+        j = first + steps
+        ok = j < B * N
+        at = (((j // N) * H + h) * N + j % N) * 2
+        # sum_i (i + 1) a_i: the moments of a = r^< - c^<; sum_i (L - 1 - i) b_i: of b = r^> - c^>
+        a0 = _difference(r_before_ptr, c_before_ptr, at, ok)
+        a1 = _difference(r_before_ptr, c_before_ptr, at + 1, ok)
+        b0 = _difference(r_after_ptr, c_after_ptr, at, ok)
+        b1 = _difference(r_after_ptr, c_after_ptr, at + 1, ok)
+        total += (a1 + a0) + ((L - 1) * b0 - b1)
+    tl.store(out_ptr + h, tl.sum(total, axis=0).to(tl.float32))
 
 
 _launch = Launcher(decay_gradient_kernel)
+_launch_heads = Launcher(head_decay_gradient_kernel)
 
 
 @functools.lru_cache(maxsize=64)
-def _options(row_sums: bool, block: int):
-    """The launch options (fast_launch.LaunchOptions), made once per configuration."""
-    return _launch.options(num_warps=4, ROW_SUMS=row_sums, BLOCK=block)
+def _options(block: int):
+    """The launch options (fast_launch.LaunchOptions), made once per block size."""
+    return _launch.options(num_warps=4, BLOCK=block)
 
 
-def decay_gradient(r_before, r_after, c_before, c_after, *, row_sums: bool = False):
-    """The row dots ``[BH, L]`` float32 (contiguous) -> ``dl [BH, L]`` float32, or with
-    ``row_sums`` its sum over positions, ``[BH]`` float32."""
+@functools.lru_cache(maxsize=64)
+def _head_options(block: int):
+    """The same for :func:`head_decay_gradient`."""
+    return _launch_heads.options(num_warps=4, BLOCK=block)
+
+
+def decay_gradient(r_before, r_after, c_before, c_after):
+    """The row dots ``[BH, L]`` float32 (contiguous) -> ``dl [BH, L]`` float32."""
     BH, L = r_before.shape
-    out = torch.empty(BH, device=r_before.device, dtype=torch.float32) if row_sums else torch.empty_like(r_before)
-    block = min(BLOCK, next_power_of_2(L))
-    _launch.launch((BH,), _options(row_sums, block), (r_before, r_after, c_before, c_after, out), (L,))
+    out = torch.empty_like(r_before)
+    _launch.launch((BH,), _options(min(BLOCK, next_power_of_2(L))), (r_before, r_after, c_before, c_after, out), (L,))
+    return out
+
+
+def head_decay_gradient(r_before, r_after, c_before, c_after, L: int, heads: int):
+    """The dots' moments ``[BH, N, 2]`` float64 (contiguous; the output kernel's ``DOT_MOMENTS``)
+    of sequences of ``L`` positions -> ``sum_t dl_t`` per head ``[heads]`` float32, summed over the
+    ``BH / heads`` sequences ``b * heads + h`` of head ``h``: LION-D's decay gradient."""
+    BH, N = r_before.shape[:2]
+    out = torch.empty(heads, device=r_before.device, dtype=torch.float32)
+    block = min(BLOCK, next_power_of_2(BH // heads * N))
+    _launch_heads.launch((heads,), _head_options(block), (r_before, r_after, c_before, c_after, out),
+                         (L, N, BH // heads, heads))
     return out

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .carries import end_record_size, segment_carries_kernel
 from .centring import shift_constants
 from .fast_launch import Launcher
-from .layout import check_rows, heads, row_strides
+from .layout import check_flat, check_rows, heads, row_strides
 from .output import chunk_output_kernel
 from .states import chunk_states_kernel
 
@@ -274,13 +274,14 @@ def _states_options(DK: int, DV: int, chunk_size: int, dtype, precision: str, ha
 @functools.lru_cache(maxsize=4096)
 def _output_options(DK: int, DV: int, chunk_size: int, precision: str, has_decay: bool, scalar_decay: bool,
                     lower: bool, upper: bool, with_den: bool, normalize: bool, row_offset: bool, col_offset: bool,
-                    split: bool, transposed_state: bool, shift: int, shifted: bool, twin: bool, carries: bool,
+                    split: bool, dot_moments: bool, transposed_state: bool, shift: int, shifted: bool, twin: bool,
+                    carries: bool,
                     normaliser_gradient: bool, persistent: bool, block_dv: int, block_dv2: int, warps: int,
                     stages: int, loop_stages: int):
     return _launch_output.options(
         num_warps=warps, num_stages=stages, LOWER=lower, UPPER=upper, HAS_DECAY=has_decay, SCALAR_DECAY=scalar_decay,
         WITH_DEN=with_den, NORMALIZE=normalize, ROW_OFFSET=row_offset, COL_OFFSET=col_offset, SPLIT=split,
-        TRANSPOSED_STATE=transposed_state, SHIFT=shift, SHIFTED=shifted, TWIN=twin, CARRIES=carries,
+        DOT_MOMENTS=dot_moments, TRANSPOSED_STATE=transposed_state, SHIFT=shift, SHIFTED=shifted, TWIN=twin, CARRIES=carries,
         NORMALISER_GRADIENT=normaliser_gradient, CHUNK=chunk_size, DK=DK, DV=DV, BLOCK_DV=block_dv,
         BLOCK_DV2=block_dv2, PRECISION=precision, PERSISTENT=persistent, LOOP_STAGES=loop_stages)
 
@@ -352,8 +353,8 @@ def chunk_states(k, v, g, *, lower: bool, upper: bool, chunk_size: int, with_z: 
 
 def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk_size: int,
                   normalize: bool = False, with_den: bool = False, row_offset=None, col_offset=None,
-                  partner=None, transposed_state: bool = False, out=None, persistent: bool = False,
-                  shift=None, shifted: str = "v", shifted_out=None):
+                  partner=None, dot_moments: bool = False, transposed_state: bool = False, out=None,
+                  persistent: bool = False, shift=None, shifted: str = "v", shifted_out=None):
     """Kernel 2: ``out_i = sum_j M_ij (q_i . k_j + a_i + b_j) v_j`` for every chunk at once.
 
     ``q, k: [BH, L, DK]``, ``v: [BH, L, DV]``; ``states`` from :func:`chunk_states` for the
@@ -366,19 +367,23 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
     same sums. ``shift``: the values' shift ``m`` float32, ``[BH, width]`` of the input named by
     ``shifted`` (``"q"``, ``"k"`` or ``"v"``), which the kernel centres as it loads it
     (:mod:`.centring`); ``shifted_out`` (like ``out``, with ``shifted="v"``): also write
-    ``out + m`` there. See :func:`masked_operator` for the rest.
+    ``out + m`` there. ``dot_moments`` (with ``partner``): instead of the row dots ``x_i``, each
+    chunk's sums ``sum_i x_i`` and ``sum_i i x_i`` (``i`` the position in the sequence), ``[BH, N, 2]``
+    float64 each: all that a decay shared by a head's positions needs (:mod:`.decay_gradient`).
+    See :func:`masked_operator` for the rest.
 
     Returns ``out``, the normaliser ``[BH, L]`` float32 (or ``None``) and the pair of partner
-    row dots (or ``None``).
+    row dots ``[BH, L]`` float32, or of their moments (or ``None``).
     """
     return _outputs(q, k, v, g, states, None, lower=lower, upper=upper, chunk_size=chunk_size,
                     normalize=normalize, with_den=with_den, row_offset=row_offset, col_offset=col_offset,
-                    partner=partner, transposed_state=transposed_state, out=out, persistent=persistent,
+                    partner=partner, dot_moments=dot_moments, transposed_state=transposed_state, out=out, persistent=persistent,
                     shift=shift, shifted=shifted, shifted_out=shifted_out)[:3]
 
 
 def chunk_outputs_and_twin(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_size: int,
-                           col_offset=None, partner=None, transposed_state: bool = False, shift=None, out2=None):
+                           col_offset=None, partner=None, dot_moments: bool = False, transposed_state: bool = False,
+                           shift=None, out2=None):
     """:func:`chunk_outputs`, and in the same launch its *twin*: the plain operator with queries
     ``q2 [BH, L, DV]``, keys ``v`` and values ``k``, ``out2_i = sum_j M_ij (q2_i . v_j) k_j``.
 
@@ -397,23 +402,17 @@ def chunk_outputs_and_twin(q, k, v, g, states: States, q2, *, lower: bool, upper
     """
     BH, L = q.shape[:2]
     DV = v.shape[-1]
-    if not isinstance(q2, torch.Tensor):
-        raise TypeError(f"q2 must be a tensor, got {type(q2).__name__}")
-    if q2.shape != (BH, L, DV):
-        raise ValueError(f"q2 must have shape [BH, L, DV] = {[BH, L, DV]} (the twin's queries meet v), "
-                         f"got {list(q2.shape)}")
-    if q2.dtype != k.dtype or q2.device != k.device or not q2.is_contiguous():
-        raise ValueError(f"q2 must be a contiguous tensor of k's dtype and device ({k.dtype}, {k.device}), got "
-                         f"{q2.dtype} on {q2.device}{'' if q2.is_contiguous() else ', not contiguous'}")
+    check_flat(q2, "q2", (BH, L, DV), k.dtype, k.device, "[BH, L, DV]")  # the twin's queries meet v
     out, _, dots, out2 = _outputs(q, k, v, g, states, q2, lower=lower, upper=upper, chunk_size=chunk_size,
-                                  col_offset=col_offset, partner=partner, transposed_state=transposed_state,
-                                  shift=shift, shifted="q", out2=out2)
+                                  col_offset=col_offset, partner=partner, dot_moments=dot_moments,
+                                  transposed_state=transposed_state, shift=shift, shifted="q", out2=out2)
     return out, dots, out2
 
 
 def chunk_outputs_through_normaliser(dy, y, den, k, v, g, states: States, *, lower: bool, upper: bool,
-                                     chunk_size: int, partner=None, transposed_state: bool = False,
-                                     persistent: bool = False, shift=None, shifted: str = "v"):
+                                     chunk_size: int, partner=None, dot_moments: bool = False,
+                                     transposed_state: bool = False, persistent: bool = False, shift=None,
+                                     shifted: str = "v"):
     """:func:`chunk_outputs` whose queries and row offsets are the normaliser's gradient, made in the
     same launch as they are loaded (the dQ operator of normalised attention, :mod:`.autograd`):
     ``dN_i = dy_i / c_i`` and ``dc_i = -(dy_i . y_i) / c_i``, as :func:`.normaliser.normaliser_gradient`
@@ -428,15 +427,9 @@ def chunk_outputs_through_normaliser(dy, y, den, k, v, g, states: States, *, low
     Returns ``(out [BH, L, DV], dots or None, dN [BH, L, DK] in dy's dtype, dc [BH, L] float32)``:
     ``dN`` and ``dc`` for the backward's later launches.
     """
-    if not isinstance(y, torch.Tensor) or not isinstance(den, torch.Tensor):
-        raise TypeError(f"y and den must be tensors, got {type(y).__name__} and {type(den).__name__}")
     BH, L, DK = k.shape
-    if tuple(y.shape) != (BH, L, DK) or not y.is_contiguous() or y.dtype != k.dtype or y.device != k.device:
-        raise ValueError(f"y must be a contiguous [BH, L, DK] = {[BH, L, DK]} tensor of k's dtype and device "
-                         f"({k.dtype}, {k.device}); got {list(y.shape)}, {y.dtype} on {y.device}")
-    if tuple(den.shape) != (BH, L) or not den.is_contiguous() or den.dtype != torch.float32 or den.device != k.device:
-        raise ValueError(f"den must be a contiguous [BH, L] = {[BH, L]} float32 tensor on {k.device}; got "
-                         f"{list(den.shape)}, {den.dtype} on {den.device}")
+    check_flat(y, "y", (BH, L, DK), k.dtype, k.device, "[BH, L, DK]")
+    check_flat(den, "den", (BH, L), torch.float32, k.device, "[BH, L]")
     check_rows(dy, "dy", BH, L, DK, k.dtype, k.device)
     if states.u is None:
         raise ValueError("chunk_outputs_through_normaliser needs the states' value sums u (chunk_states(..., with_u=True), "
@@ -445,15 +438,15 @@ def chunk_outputs_through_normaliser(dy, y, den, k, v, g, states: States, *, low
         raise ValueError("chunk_outputs_through_normaliser makes its queries dN itself: shifting them (shifted='q') "
                          "is not supported; shift the keys or the values")
     out, _, dots, dn, dc = _outputs(dy, k, v, g, states, None, lower=lower, upper=upper, chunk_size=chunk_size,
-                                    partner=partner, transposed_state=transposed_state, persistent=persistent,
-                                    shift=shift, shifted=shifted, normaliser=(y, den))
+                                    partner=partner, dot_moments=dot_moments, transposed_state=transposed_state,
+                                    persistent=persistent, shift=shift, shifted=shifted, normaliser=(y, den))
     return out, dots, dn, dc
 
 
 def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_size: int,
              normalize: bool = False, with_den: bool = False, row_offset=None, col_offset=None,
-             partner=None, transposed_state: bool = False, out=None, persistent: bool = False,
-             shift=None, shifted: str = "v", shifted_out=None, out2=None, normaliser=None):
+             partner=None, dot_moments: bool = False, transposed_state: bool = False, out=None,
+             persistent: bool = False, shift=None, shifted: str = "v", shifted_out=None, out2=None, normaliser=None):
     """The launch behind :func:`chunk_outputs`, :func:`chunk_outputs_and_twin` and
     :func:`chunk_outputs_through_normaliser`, for ``q, k [BH, L, DK]``, ``v [BH, L, DV]`` and the
     twin's queries ``q2 [BH, L, DV]`` or ``None``; with ``normaliser = (y, den)``, ``q`` is the output
@@ -469,6 +462,8 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
         raise ValueError("normalize needs with_den")
     if not (lower or upper):
         raise ValueError("chunk_outputs needs lower, upper or both")
+    if dot_moments and partner is None:
+        raise ValueError("dot_moments are the moments of the partner dots: it needs a partner")
     if q2 is not None and persistent:
         raise ValueError("the twin operator runs on one program per chunk, not on the persistent grid")
     starts = states.starts
@@ -483,11 +478,13 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
     N = ceil_div(L, chunk_size)
     f32 = dict(device=q.device, dtype=torch.float32)
     offset = row_offset if row_offset is not None else col_offset
-    y = dn = None
+    y = c = dn = dc = None
     if normaliser is not None:  # the kernel makes dN and the row offsets dc, and stores both
-        y, den_in = normaliser
+        y, c = normaliser
         dn = torch.empty(BH, L, DK, device=q.device, dtype=q.dtype)
-        offset = torch.empty(BH, L, **f32)
+        dc = torch.empty(BH, L, **f32)
+    if partner is not None:
+        check_flat(partner, "partner", (BH, L, DV), v.dtype, v.device, "[BH, L, DV]")
     if out is None:
         out = torch.empty(BH, L, DV, device=q.device, dtype=v.dtype)
     else:
@@ -506,16 +503,19 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
     # The kernel's second layout: never two of these (SHIFTED centres v, the twin q; dy needs neither).
     second = shifted_out if shifted_out is not None else out2 if out2 is not None else q if normaliser else None
     H = heads(out, second)
-    den = torch.empty(BH, L, **f32) if with_den else den_in if normaliser is not None else None
-    dots = (torch.empty(BH, L, **f32), torch.empty(BH, L, **f32)) if partner is not None else None
+    den = torch.empty(BH, L, **f32) if with_den else None
+    dots = None
+    if partner is not None:  # the row dots, or each chunk's two moments of them in float64
+        dots = tuple(torch.empty(BH, N, 2, device=q.device, dtype=torch.float64) if dot_moments
+                     else torch.empty(BH, L, **f32) for _ in range(2))
     cfg = launch_config(DK, DV, chunk_size)
     if persistent:  # a few programs per multiprocessor, each looping over chunks
         grid = (min(N * BH, cfg["output_programs_per_sm"] * _multiprocessors(q.device)),)
     else:  # one program per chunk
         grid = (N, BH)
     options = _output_options(DK, DV, chunk_size, tile_dot_precision(q), *_decay_kind(g), lower, upper, with_den,
-                              normalize, offset is not None and col_offset is None, col_offset is not None,
-                              partner is not None, transposed_state,
+                              normalize, row_offset is not None or normaliser is not None, col_offset is not None,
+                              partner is not None, dot_moments, transposed_state,
                               0 if shift is None else ("q", "k", "v").index(shifted) + 1, shifted_out is not None,
                               q2 is not None, starts is not None, normaliser is not None, persistent,
                               cfg["output_block_dv"], launch_config(DV, DK, chunk_size)["output_block_dv"],
@@ -524,17 +524,17 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
     _launch_output.launch(
         grid, options,
         (q, k, v, g, offset, *states[:4], partner, out, den, *(dots or (None, None)), shift, shifted_out, q2, out2,
-         *((starts.C, starts.z, starts.gamma) if starts is not None else (None, None, None)), y, dn),
+         *((starts.C, starts.z, starts.gamma) if starts is not None else (None, None, None)), y, c, dn, dc),
         (L, N, BH, 1 if starts is None else starts.seg_chunks, H, *row_strides(out, H),
          *(row_strides(second, H) if second is not None else (0, 0, 0)), _decay_heads(g, BH)))
     if normaliser is not None:
-        return out, None, dots, dn, offset
+        return out, None, dots, dn, dc
     return out, den, dots, out2
 
 
 def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, normalize: bool = False,
                     with_den: bool = False, row_offset=None, col_offset=None, partner=None,
-                    persistent: bool = False, out=None, fold_carries: bool = False):
+                    dot_moments: bool = False, persistent: bool = False, out=None, fold_carries: bool = False):
     """``out_i = sum_j M_ij (q_i . k_j + a_i + b_j) v_j`` over ``j = i`` and, with ``lower``
     / ``upper``, the keys before / after ``i``: :func:`chunk_states`, then :func:`chunk_outputs`.
 
@@ -545,13 +545,14 @@ def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, no
     :func:`padded_chunk_sums` (one per token, LION-S); ``row_offset`` ``a`` or
     ``col_offset`` ``b``: at most one, ``[BH, L]`` float32; ``normalize`` divides by the
     normaliser (needs ``with_den``); ``partner`` ``P [BH, L, DV]`` asks for the row dots
-    ``P_i . (keys-before part of out_i)`` and ``P_i . (keys-after part)``, diagonal in neither;
+    ``P_i . (keys-before part of out_i)`` and ``P_i . (keys-after part)``, diagonal in neither
+    (``dot_moments``: each chunk's two moments of them instead, :func:`chunk_outputs`);
     ``persistent``: the output kernel's grid, ``out``: where to write (:func:`chunk_outputs`);
     ``fold_carries``: a walk in segments leaves its carries to the output kernel
     (:func:`chunk_states`), which reads each state once here; not with an offset.
 
     Returns ``out [BH, L, DV]`` in ``v``'s dtype, the normaliser ``[BH, L]`` float32 (or
-    ``None``) and the pair of row dots ``[BH, L]`` float32 (or ``None``).
+    ``None``) and the pair of row dots ``[BH, L]`` float32, or of their moments (or ``None``).
     """
     if row_offset is not None and col_offset is not None:
         raise ValueError("masked_operator takes a row offset or a column offset, not both")
@@ -559,4 +560,5 @@ def masked_operator(q, k, v, g, *, lower: bool, upper: bool, chunk_size: int, no
                           with_u=row_offset is not None, col_offset=col_offset, fold_carries=fold_carries)
     return chunk_outputs(q, k, v, g, states, lower=lower, upper=upper, chunk_size=chunk_size,
                          normalize=normalize, with_den=with_den, row_offset=row_offset,
-                         col_offset=col_offset, partner=partner, persistent=persistent, out=out)
+                         col_offset=col_offset, partner=partner, dot_moments=dot_moments, persistent=persistent,
+                         out=out)

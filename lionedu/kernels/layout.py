@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["row_offsets", "row_strides", "check_rows", "heads"]
+__all__ = ["row_offsets", "row_strides", "check_rows", "check_flat", "heads"]
 
 
 @triton.jit
@@ -78,3 +78,15 @@ def check_rows(t, name: str, BH: int, L: int, W: int, dtype: torch.dtype, device
     if output and _overlaps(t):
         raise ValueError(f"{name} is written by the kernels, so its elements must not overlap; got strides "
                          f"{list(t.stride())} for shape {list(t.shape)}")
+
+
+def check_flat(t, name: str, shape: tuple, dtype: torch.dtype, device: torch.device, what: str = ""):
+    """Raise a ``TypeError`` / ``ValueError`` unless ``t`` is a contiguous tensor of ``shape``,
+    ``dtype`` and ``device``: an input the kernels read only in their flat layout. ``what``
+    names the shape's dimensions in the message (``"[BH, L]"``)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device or not t.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {what + ' = ' if what else ''}{list(shape)} tensor of dtype "
+                         f"{dtype} on {device}; got {list(t.shape)}, {t.dtype} on {t.device}"
+                         f"{'' if t.is_contiguous() else ', not contiguous'}")

@@ -23,6 +23,9 @@ For the backward pass (book chapter 7, :mod:`.autograd`) the scores may carry a 
 offset, ``q_i . k_j + a_i`` (``ROW_OFFSET``) or ``q_i . k_j + b_j`` (``COL_OFFSET``), and with
 ``SPLIT`` the kernel also returns, for a ``partner`` tensor ``P``, the row dots
 ``P_i . (keys before i)`` and ``P_i . (keys after i)``: the decay gradient is built from them.
+With ``DOT_MOMENTS`` it stores, instead of the dots of every row, each chunk's sums ``sum_i x_i``
+and ``sum_i i x_i`` of them: all that a decay shared by a head's positions (LION-D) needs
+(:mod:`.decay_gradient`).
 With ``NORMALISER_GRADIENT`` (the dQ operator of normalised attention) the kernel makes its own
 queries and row offsets from the output gradient as it loads them, ``dN_i = dy_i / c_i`` and
 ``dc_i = -(dy_i . y_i) / c_i`` (:mod:`.normaliser` is the same step as a kernel of its own), and
@@ -102,7 +105,7 @@ def _key_sums(z_ptr, at, dk, start_z_ptr, gamma_ptr, N, seg_chunks, DK: tl.const
 
 
 @triton.jit
-def _normaliser_gradient_rows(dy_ptr, y_ptr, den_ptr, dn_ptr, dc_ptr, bh, L, rows, row_ok, dk, DK: tl.constexpr,
+def _normaliser_gradient_rows(dy_ptr, y_ptr, c_ptr, dn_ptr, dc_ptr, bh, L, rows, row_ok, dk, DK: tl.constexpr,
                               H, dy_sb, dy_sh, dy_sl):
     """``(dN, dc)`` of the rows ``rows`` of sequence ``bh``: ``dN_i = dy_i / c_i`` ``[C, DK]`` in the
     inputs' dtype and ``dc_i = -(dy_i . y_i) / c_i`` ``[C]`` float32, from the output gradient ``dy``
@@ -113,12 +116,21 @@ def _normaliser_gradient_rows(dy_ptr, y_ptr, den_ptr, dn_ptr, dc_ptr, bh, L, row
     dy_at = row_offsets(bh, rows, H, dy_sb, dy_sh, dy_sl)[:, None] + dk[None, :]
     dy = tl.load(dy_ptr + dy_at, mask=row_ok[:, None], other=0.0).to(tl.float32)
     y = tl.load(y_ptr + at, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    den = tl.load(den_ptr + bh * L + rows, mask=row_ok, other=1.0)
-    dn = (dy / den[:, None]).to(dn_ptr.dtype.element_ty)
-    dc = -tl.sum(dy * y, axis=1) / den
+    c = tl.load(c_ptr + bh * L + rows, mask=row_ok, other=1.0)
+    dn = (dy / c[:, None]).to(dn_ptr.dtype.element_ty)
+    dc = -tl.sum(dy * y, axis=1) / c
     tl.store(dn_ptr + at, dn, mask=row_ok[:, None])
     tl.store(dc_ptr + bh * L + rows, dc, mask=row_ok)
     return dn, dc
+
+
+@triton.jit
+def _store_moments(ptr, at, dots, rows):
+    """A chunk's ``sum_i x_i`` and ``sum_i i x_i`` of its row dots ``x`` ``[C]`` (at the positions
+    ``rows``; rows past the sequence hold 0), in float64, to ``ptr + at`` and ``ptr + at + 1``."""
+    x = dots.to(tl.float64)
+    tl.store(ptr + at, tl.sum(x, axis=0))
+    tl.store(ptr + at + 1, tl.sum(x * rows.to(tl.float64), axis=0))
 
 
 @triton.jit
@@ -134,11 +146,12 @@ def _chunk_output(
     den_ptr=None, WITH_DEN: tl.constexpr = False, NORMALIZE: tl.constexpr = False,
     offset_ptr=None, u_ptr=None, w_ptr=None, ROW_OFFSET: tl.constexpr = False, COL_OFFSET: tl.constexpr = False,
     partner_ptr=None, dot_before_ptr=None, dot_after_ptr=None, SPLIT: tl.constexpr = False,
+    DOT_MOMENTS: tl.constexpr = False,
     shift_ptr=None, SHIFT: tl.constexpr = 0, shifted_ptr=None,
     second_sb=0, second_sh=0, second_sl=0,  # the layout of shifted_ptr, or of dy (NORMALISER_GRADIENT)
     SHIFTED: tl.constexpr = False,
     start_ptr=None, start_z_ptr=None, gamma_ptr=None, seg_chunks=1, CARRIES: tl.constexpr = False,
-    y_ptr=None, dn_ptr=None, NORMALISER_GRADIENT: tl.constexpr = False,
+    y_ptr=None, c_ptr=None, dn_ptr=None, dc_ptr=None, NORMALISER_GRADIENT: tl.constexpr = False,
 ):
     """The output of chunk ``n`` of sequence ``bh``, all value columns, a tile of ``BLOCK_DV``
     at a time, so the ``C x C`` scores are computed once. Arguments: :func:`chunk_output_kernel`."""
@@ -149,7 +162,7 @@ def _chunk_output(
 
     # ---- Load the chunk: Q_n, K_n [C, DK] ------------------------------------------------------
     if NORMALISER_GRADIENT:  # the queries dN and the row offsets dc, made from dy as loaded
-        q, offset = _normaliser_gradient_rows(q_ptr, y_ptr, den_ptr, dn_ptr, offset_ptr, bh, L, rows, row_ok, dk, DK,
+        q, offset = _normaliser_gradient_rows(q_ptr, y_ptr, c_ptr, dn_ptr, dc_ptr, bh, L, rows, row_ok, dk, DK,
                                               H, second_sb, second_sh, second_sl)
     else:
         q = tl.load(q_ptr + (bh * L + rows[:, None]) * DK + dk[None, :], mask=row_ok[:, None], other=0.0)
@@ -261,20 +274,26 @@ def _chunk_output(
                      (out + shift[None, :]).to(shifted_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     if SPLIT:
-        tl.store(dot_before_ptr + bh * L + rows, dot_before, mask=row_ok)
-        tl.store(dot_after_ptr + bh * L + rows, dot_after, mask=row_ok)
+        if DOT_MOMENTS:  # [BH, N, 2] float64: the chunk's sums of x_i and i x_i
+            _store_moments(dot_before_ptr, (bh * N + n) * 2, dot_before, rows)
+            _store_moments(dot_after_ptr, (bh * N + n) * 2, dot_after, rows)
+        else:
+            tl.store(dot_before_ptr + bh * L + rows, dot_before, mask=row_ok)
+            tl.store(dot_after_ptr + bh * L + rows, dot_after, mask=row_ok)
 
 
 @triton.jit
 def chunk_output_kernel(
     q_ptr, k_ptr, v_ptr,  # q, k [BH, L, DK], v [BH, L, DV], one dtype, contiguous
     g_ptr,  # chunk-local sums of the log decays [BH, N*C] float32, or [decay_heads] (SCALAR_DECAY)
-    offset_ptr,  # score offsets a_i or b_j [BH, L] float32 (ROW_OFFSET / COL_OFFSET)
+    offset_ptr,  # score offsets a_i or b_j [BH, L] float32 (ROW_OFFSET / COL_OFFSET; made, not read, with
+    # NORMALISER_GRADIENT)
     S_ptr, z_ptr, u_ptr, w_ptr,  # from chunk_states_kernel: [slots, BH, N, ...]
     partner_ptr,  # P [BH, L, DV] (SPLIT only)
     out_ptr,  # out [BH, L, DV] in v's dtype (or another layout: out_sb, ...)
     den_ptr,  # normaliser [BH, L] float32 (WITH_DEN)
-    dot_before_ptr, dot_after_ptr,  # out: the partner row dots [BH, L] float32 (SPLIT)
+    dot_before_ptr, dot_after_ptr,  # out: the partner row dots [BH, L] float32 (SPLIT), or their moments
+    # [BH, N, 2] float64 (DOT_MOMENTS)
     shift_ptr,  # the values' shift m [BH, width of the input it shifts] float32 (SHIFT)
     shifted_ptr,  # out: out + m [BH, L, DV] in v's dtype, in the second output's layout (SHIFTED)
     q2_ptr,  # TWIN: the second operator's queries [BH, L, DV] (its keys are v, its values k)
@@ -282,7 +301,9 @@ def chunk_output_kernel(
     start_ptr, start_z_ptr,  # CARRIES: each segment's C_p [slots, BH, P, DK, DV] and key sums [.., DK], float32
     gamma_ptr,  # CARRIES with decays: each state's log decay from its segment's edge [slots, BH, N] float32
     y_ptr,  # NORMALISER_GRADIENT: the saved (centred) output [BH, L, DK], contiguous
+    c_ptr,  # NORMALISER_GRADIENT: the normaliser c [BH, L] float32
     dn_ptr,  # NORMALISER_GRADIENT, out: dN [BH, L, DK] in q's dtype, contiguous
+    dc_ptr,  # NORMALISER_GRADIENT, out: the row offsets dc [BH, L] float32
     L, N, BH,  # sequence length, chunks per sequence, sequences
     seg_chunks,  # CARRIES: chunks per segment of the walk that made the states
     H, out_sb, out_sh, out_sl,  # out's layout (layout.py): [BH, L, DV] contiguous, or the caller's [B, H, L, DV]
@@ -297,13 +318,14 @@ def chunk_output_kernel(
     NORMALIZE: tl.constexpr,  # divide by the normaliser before storing
     ROW_OFFSET: tl.constexpr, COL_OFFSET: tl.constexpr,  # scores q_i . k_j + a_i  /  + b_j
     SPLIT: tl.constexpr,  # also compute the partner row dots
+    DOT_MOMENTS: tl.constexpr,  # with SPLIT: store each chunk's sums of the dots and of the dots times positions
     TRANSPOSED_STATE: tl.constexpr,  # the states are stored transposed, [DV, DK] (see _state_share)
     SHIFT: tl.constexpr,  # which input is centred as loaded: 0 none, 1 q, 2 k, 3 v (module docstring)
     SHIFTED: tl.constexpr,  # also store out + m (SHIFT == 3)
     TWIN: tl.constexpr,  # also the plain operator A(q2, v, k), the same states read the other way (not PERSISTENT)
     CARRIES: tl.constexpr,  # the states are a segmented walk's own: add the segments' carries (carries.py) as read
     NORMALISER_GRADIENT: tl.constexpr,  # q_ptr holds dy: the queries are dN = dy / c and the row offsets (ROW_OFFSET)
-    # dc = -(dy . y) / c, with c read from den_ptr, and both are stored (dn_ptr; offset_ptr) as well as used
+    # dc = -(dy . y) / c, both made as loaded (y_ptr, c_ptr) and stored (dn_ptr, dc_ptr) as well as used
     CHUNK: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BLOCK_DV: tl.constexpr,  # value columns per step of the tile loop
     BLOCK_DV2: tl.constexpr,  # the same for the twin operator's values (DK wide)
@@ -322,25 +344,28 @@ def chunk_output_kernel(
     tl.static_assert(not (CARRIES and (TRANSPOSED_STATE or ROW_OFFSET or COL_OFFSET or TWIN)),
                      "a segmented walk's carries are added to states read as stored, without offsets or a twin")
     tl.static_assert(not NORMALISER_GRADIENT or (ROW_OFFSET and not (WITH_DEN or SHIFTED or TWIN)),
-                     "the normaliser's gradient makes the row offsets, reads the normaliser, takes the second layout")
+                     "the normaliser's gradient makes the row offsets and takes the second layout for dy")
+    tl.static_assert(SPLIT or not DOT_MOMENTS, "the moments are the partner dots'")
     if PERSISTENT:
         for t in tl.range(tl.program_id(0), N * BH, tl.num_programs(0), num_stages=LOOP_STAGES):
             _chunk_output(t % N, (t // N).to(tl.int64), BH, L, N, decay_heads, q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr,
                           out_ptr, H, out_sb, out_sh, out_sl,
                           LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, CHUNK, DK, DV, BLOCK_DV, PRECISION, TRANSPOSED_STATE,
                           den_ptr, WITH_DEN, NORMALIZE, offset_ptr, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
-                          partner_ptr, dot_before_ptr, dot_after_ptr, SPLIT, shift_ptr, SHIFT,
+                          partner_ptr, dot_before_ptr, dot_after_ptr, SPLIT, DOT_MOMENTS, shift_ptr, SHIFT,
                           shifted_ptr, second_sb, second_sh, second_sl, SHIFTED,
-                          start_ptr, start_z_ptr, gamma_ptr, seg_chunks, CARRIES, y_ptr, dn_ptr, NORMALISER_GRADIENT)
+                          start_ptr, start_z_ptr, gamma_ptr, seg_chunks, CARRIES, y_ptr, c_ptr, dn_ptr, dc_ptr,
+                          NORMALISER_GRADIENT)
     else:
         n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         _chunk_output(n, bh, BH, L, N, decay_heads, q_ptr, k_ptr, v_ptr, g_ptr, S_ptr, z_ptr, out_ptr,
                       H, out_sb, out_sh, out_sl,
                       LOWER, UPPER, HAS_DECAY, SCALAR_DECAY, CHUNK, DK, DV, BLOCK_DV, PRECISION, TRANSPOSED_STATE,
                       den_ptr, WITH_DEN, NORMALIZE, offset_ptr, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
-                      partner_ptr, dot_before_ptr, dot_after_ptr, SPLIT, shift_ptr, SHIFT,
+                      partner_ptr, dot_before_ptr, dot_after_ptr, SPLIT, DOT_MOMENTS, shift_ptr, SHIFT,
                       shifted_ptr, second_sb, second_sh, second_sl, SHIFTED,
-                      start_ptr, start_z_ptr, gamma_ptr, seg_chunks, CARRIES, y_ptr, dn_ptr, NORMALISER_GRADIENT)
+                      start_ptr, start_z_ptr, gamma_ptr, seg_chunks, CARRIES, y_ptr, c_ptr, dn_ptr, dc_ptr,
+                      NORMALISER_GRADIENT)
         if TWIN:
             # The states hold sum_j k_j v_j^T; read transposed, sum_j v_j k_j^T, they are the
             # states of the operator with keys v and values k, for any queries q2: the backward's
