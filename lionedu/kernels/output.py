@@ -125,12 +125,36 @@ def _normaliser_gradient_rows(dy_ptr, y_ptr, c_ptr, dn_ptr, dc_ptr, bh, L, rows,
 
 
 @triton.jit
-def _store_moments(ptr, at, dots, rows):
-    """A chunk's ``sum_i x_i`` and ``sum_i i x_i`` of its row dots ``x`` ``[C]`` (at the positions
-    ``rows``; rows past the sequence hold 0), in float64, to ``ptr + at`` and ``ptr + at + 1``."""
-    x = dots.to(tl.float64)
-    tl.store(ptr + at, tl.sum(x, axis=0))
-    tl.store(ptr + at + 1, tl.sum(x * rows.to(tl.float64), axis=0))
+def _add_pairs(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _add_quads(a0, a1, a2, a3, b0, b1, b2, b3):
+    return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+
+
+@triton.jit
+def _store_moments(before_ptr, after_ptr, at, dot_before, dot_after, rows, LOWER: tl.constexpr, UPPER: tl.constexpr):
+    """A chunk's moments of its two row dots ``x`` ``[C]`` (at the positions ``rows``; rows past
+    the sequence hold 0), ``sum_i x_i`` and ``sum_i i x_i`` in float64, to ``ptr + at`` and
+    ``ptr + at + 1`` of each dot's pointer. The sums are reduced together, in one reduction: the
+    rows are spread over the warps, so each reduction over them meets at a barrier. A causal
+    operator's dot of the triangle it leaves out is 0, and so are its moments."""
+    i = rows.to(tl.float64)
+    xb, xa = dot_before.to(tl.float64), dot_after.to(tl.float64)
+    if LOWER and UPPER:
+        b0, b1, a0, a1 = tl.reduce((xb, xb * i, xa, xa * i), 0, _add_quads)
+    elif LOWER:
+        b0, b1 = tl.reduce((xb, xb * i), 0, _add_pairs)
+        a0, a1 = 0.0, 0.0
+    else:
+        a0, a1 = tl.reduce((xa, xa * i), 0, _add_pairs)
+        b0, b1 = 0.0, 0.0
+    tl.store(before_ptr + at, b0)
+    tl.store(before_ptr + at + 1, b1)
+    tl.store(after_ptr + at, a0)
+    tl.store(after_ptr + at + 1, a1)
 
 
 @triton.jit
@@ -242,20 +266,25 @@ def _chunk_output(
 
         # Intra-chunk part W V_n, then the states' shares (keys before / after the chunk).
         if SPLIT:
-            out_before = tl.dot(scores_before.to(v.dtype), v, input_precision=PRECISION)
-            out_after = tl.dot(scores_after.to(v.dtype), v, input_precision=PRECISION)
+            # A causal operator keeps one triangle: the other's part is zero, its products skipped.
+            out_before = tl.zeros([CHUNK, BLOCK_DV], dtype=tl.float32)
+            out_after = tl.zeros([CHUNK, BLOCK_DV], dtype=tl.float32)
             if LOWER:
+                out_before = tl.dot(scores_before.to(v.dtype), v, input_precision=PRECISION)
                 out_before += _state_share(q, scale_before, S_ptr, at_before, dk, dv, N, DK, DV, HAS_DECAY, PRECISION,
                                            TRANSPOSED_STATE, offset, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
                                            start_ptr, gamma_ptr, seg_chunks, CARRIES)
             if UPPER:
+                out_after = tl.dot(scores_after.to(v.dtype), v, input_precision=PRECISION)
                 out_after += _state_share(q, scale_after, S_ptr, at_after, dk, dv, N, DK, DV, HAS_DECAY, PRECISION,
                                           TRANSPOSED_STATE, offset, u_ptr, w_ptr, ROW_OFFSET, COL_OFFSET,
                                           start_ptr, gamma_ptr, seg_chunks, CARRIES)
             out = out_before + out_after + diagonal[:, None] * v.to(tl.float32)
             p = tl.load(partner_ptr + out_at, mask=row_ok[:, None], other=0.0).to(tl.float32)
-            dot_before += tl.sum(p * out_before, axis=1)
-            dot_after += tl.sum(p * out_after, axis=1)
+            if LOWER:
+                dot_before += tl.sum(p * out_before, axis=1)
+            if UPPER:
+                dot_after += tl.sum(p * out_after, axis=1)
         else:
             out = tl.dot(scores.to(v.dtype), v, input_precision=PRECISION)
             if LOWER:
@@ -275,8 +304,7 @@ def _chunk_output(
 
     if SPLIT:
         if DOT_MOMENTS:  # [BH, N, 2] float64: the chunk's sums of x_i and i x_i
-            _store_moments(dot_before_ptr, (bh * N + n) * 2, dot_before, rows)
-            _store_moments(dot_after_ptr, (bh * N + n) * 2, dot_after, rows)
+            _store_moments(dot_before_ptr, dot_after_ptr, (bh * N + n) * 2, dot_before, dot_after, rows, LOWER, UPPER)
         else:
             tl.store(dot_before_ptr + bh * L + rows, dot_before, mask=row_ok)
             tl.store(dot_after_ptr + bh * L + rows, dot_after, mask=row_ok)
