@@ -67,6 +67,10 @@ launches = {  # the backward's three output launches (lionedu/kernels/autograd.p
     "dQ of LION-D": dict(ROW_OFFSET=True, SPLIT=True, DOT_MOMENTS=True, TRANSPOSED_STATE=True, SHIFT=2,
                          NORMALISER_GRADIENT=True, SCALAR_DECAY=True),
     "dK of LION-D": dict(COL_OFFSET=True, SPLIT=True, DOT_MOMENTS=True, SHIFT=1, SCALAR_DECAY=True),
+    # causal: dQ keeps the keys before, dK those after (one triangle's products and moments each)
+    "dQ of causal LION-D": dict(ROW_OFFSET=True, SPLIT=True, DOT_MOMENTS=True, TRANSPOSED_STATE=True, SHIFT=2,
+                                NORMALISER_GRADIENT=True, SCALAR_DECAY=True, UPPER=False),
+    "dK of causal LION-D": dict(COL_OFFSET=True, SPLIT=True, DOT_MOMENTS=True, SHIFT=1, SCALAR_DECAY=True, LOWER=False),
     "dV": dict(TRANSPOSED_STATE=True),
     # dK and dV in one launch (launch.chunk_outputs_and_twin), which runs one program per chunk
     "dK and dV": dict(COL_OFFSET=True, SPLIT=True, SHIFT=1, TWIN=True, PERSISTENT=False, LOOP_STAGES=1),
@@ -75,8 +79,8 @@ result = {}
 for name, flags in launches.items():
     consts = dict(LOWER=True, UPPER=True, HAS_DECAY=True, SCALAR_DECAY=False, WITH_DEN=False, NORMALIZE=False,
                   ROW_OFFSET=False, COL_OFFSET=False, SPLIT=False, DOT_MOMENTS=False, TRANSPOSED_STATE=False, SHIFT=0,
-                  SHIFTED=False, TWIN=False, CARRIES=False, NORMALISER_GRADIENT=False, CHUNK=chunk, DK=d, DV=d, BLOCK_DV=min(d, 64),
-                  BLOCK_DV2=min(d, 64),
+                  SHIFTED=False, TWIN=False, CARRIES=False, NORMALISER_GRADIENT=False, CHUNK=chunk, DK=d, DV=d,
+                  BLOCK_DV=min(d, 64), BLOCK_DV2=min(d, 64),
                   PRECISION="tf32",
                   PERSISTENT=True, LOOP_STAGES=stages)
     consts.update(flags)
@@ -162,6 +166,17 @@ stats = [compile_for_gpu(value_stats_kernel, dict(DV=dv, ROWS=stats_rows(dv), TI
 shift = compile_for_gpu(shift_kernel, dict(DV=64, **shift_constants(dtype)), ("L", "P"), {}, capability)
 print(json.dumps(dict(stats=min(len(k.asm["cubin"]) for k in stats), shift=len(shift.asm["cubin"]),
                       atomics=sum(len(re.findall(r"(?<![\w.])(?:atom|red)\.", k.asm["ptx"])) for k in (*stats, shift)))))
+"""
+
+
+COMPILE_DECAY_GRADIENT = PRELUDE + r"""
+from lionedu.kernels.decay_gradient import BLOCK, decay_gradient_kernel, head_decay_gradient_kernel
+capability = int(sys.argv[1])
+rows = compile_for_gpu(decay_gradient_kernel, dict(BLOCK=BLOCK), ("L",), {}, capability)
+heads = compile_for_gpu(head_decay_gradient_kernel, dict(BLOCK=BLOCK), ("L", "N", "B", "H"),
+                        {n: "*fp64" for n in ("r_before_ptr", "r_after_ptr", "c_before_ptr", "c_after_ptr")}, capability)
+print(json.dumps(dict(rows=len(rows.asm["cubin"]), heads=len(heads.asm["cubin"]),
+                      atomics=sum(len(re.findall(r"(?<![\w.])(?:atom|red)\.", k.asm["ptx"])) for k in (rows, heads)))))
 """
 
 
@@ -260,3 +275,12 @@ def test_centring_kernels_compile(capability, dtype):
     pointer = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
     sizes = _compile(COMPILE_CENTRING, capability, pointer)
     assert sizes["stats"] > 0 and sizes["shift"] > 0 and sizes["atomics"] == 0, sizes
+
+
+@pytest.mark.parametrize("capability", [90, 75])
+def test_decay_gradient_kernels_compile(capability):
+    """The decay gradient's two kernels (lionedu/kernels/decay_gradient.py), the per-position scan and
+    LION-D's per-head sum of the float64 moments, compile for an H100/H200 and a T4, without atomics:
+    each head's chunks are added in a fixed order by one program."""
+    sizes = _compile(COMPILE_DECAY_GRADIENT, capability)
+    assert sizes["rows"] > 0 and sizes["heads"] > 0 and sizes["atomics"] == 0, sizes

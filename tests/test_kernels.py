@@ -519,6 +519,25 @@ def test_head_decay_gradient_kernel(B, H, L, C, seed):
     assert _rel(got, ref) < 1e-6  # float64 inside: float32's rounding of the result is all that is left
 
 
+def test_head_decay_gradient_refuses_bad_inputs():
+    """Moments of another shape or dtype (the per-row float32 dots, say), a number of heads that does
+    not divide the sequences and a length below 1 are refused by name, before any launch."""
+    from lionedu.kernels.decay_gradient import head_decay_gradient
+
+    m = torch.zeros(6, 3, 2, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"^r_before must be a \[BH, N, 2\] tensor"):
+        head_decay_gradient(torch.zeros(6, 40, device=DEVICE), m, m, m, 40, 2)
+    with pytest.raises(ValueError, match=r"^c_after must be a contiguous \[BH, N, 2\] = \[6, 3, 2\] tensor of dtype "
+                                         r"torch.float64"):
+        head_decay_gradient(m, m, m, m.float(), 40, 2)
+    with pytest.raises(ValueError, match="^r_after must be"):
+        head_decay_gradient(m, m[:, :2], m, m, 40, 2)
+    with pytest.raises(ValueError, match="heads must be a positive int that divides BH = 6"):
+        head_decay_gradient(m, m, m, m, 40, 4)
+    with pytest.raises(ValueError, match="L must be a positive int"):
+        head_decay_gradient(m, m, m, m, 0, 2)
+
+
 def _random_decays(gen, BH, L, C, decay):
     """``(per_token [BH, L], g)`` for a ``decay`` of "lit", "d" or "s" drawn from ``gen``: the log
     decays of every position (for the float64 reference) and the kernels' form of them (``None``,
@@ -558,8 +577,12 @@ def _check_partner_dots(dots, ref_dots, ref, moments: bool, C: int):
     """The kernels' partner dots against the float64 ones, relative to the larger of their norm and
     the output's; with ``moments``, each chunk's ``sum_i x_i`` and ``sum_i i x_i`` of them (``i`` the
     position in the sequence), to the bound the dots' tolerance implies: a chunk's sum adds ``C``
-    errors (a factor ``sqrt(C)`` on the norm), and the weights ``i`` are below ``L``."""
+    errors (a factor ``sqrt(C)`` on the norm), and the weights ``i`` are below ``L``. A triangle the
+    operator leaves out must give zeros, not small numbers."""
     for got, want in zip(dots, ref_dots):
+        if not want.any():  # the triangle a causal operator leaves out: exactly zero, dots or moments
+            assert not got.any()
+            continue
         bound = 1e-5 * max(float(want.norm()), float(ref.norm()))
         if not moments:
             assert got.shape == want.shape and got.dtype == torch.float32

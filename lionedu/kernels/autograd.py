@@ -39,9 +39,11 @@ transposes of dK's ``sum_j dN_j q_j^T``. The output kernel reads a state transpo
 
 The decay gradient needs ``W_ij = M_ij (q_i . k_j) (dO~_i . V~_j)`` summed over the pairs
 that straddle each position. With the row sums of ``W`` over keys before / after ``i``
-(``q_i . dQ`` restricted to those keys) and the column sums (``k_j . dK`` restricted), which
-the dQ and dK operators return as partner row dots:
-``dl_t = sum_{i>=t} (r^<_i - c^>_i) + sum_{i<t} (r^>_i - c^<_i)``.
+(``r^<_i``, ``r^>_i``: ``q_i . dQ`` restricted to those keys) and the column sums over the
+queries after / before ``j`` (``c^<_j``, ``c^>_j``: ``k_j . dK`` restricted; the pairs of the
+mask's lower / upper triangle again), which the dQ and dK operators return as partner row dots:
+``dl_t = sum_{i>=t} (r^<_i - c^<_i) + sum_{i<t} (r^>_i - c^>_i)`` (:mod:`.decay_gradient`; for
+one decay per head, only each chunk's moments of the dots).
 """
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ import triton.language as tl
 
 from .fast_launch import Launcher
 from .launch import next_power_of_2
+from .layout import check_flat
 
 __all__ = ["decay_gradient", "head_decay_gradient"]
 
@@ -105,32 +106,38 @@ _launch_heads = Launcher(head_decay_gradient_kernel)
 
 
 @functools.lru_cache(maxsize=64)
-def _options(block: int):
-    """The launch options (fast_launch.LaunchOptions), made once per block size."""
-    return _launch.options(num_warps=4, BLOCK=block)
-
-
-@functools.lru_cache(maxsize=64)
-def _head_options(block: int):
-    """The same for :func:`head_decay_gradient`."""
-    return _launch_heads.options(num_warps=4, BLOCK=block)
+def _options(launcher: Launcher, block: int):
+    """A launcher's options (fast_launch.LaunchOptions), made once per block size."""
+    return launcher.options(num_warps=4, BLOCK=block)
 
 
 def decay_gradient(r_before, r_after, c_before, c_after):
     """The row dots ``[BH, L]`` float32 (contiguous) -> ``dl [BH, L]`` float32."""
     BH, L = r_before.shape
     out = torch.empty_like(r_before)
-    _launch.launch((BH,), _options(min(BLOCK, next_power_of_2(L))), (r_before, r_after, c_before, c_after, out), (L,))
+    block = min(BLOCK, next_power_of_2(L))
+    _launch.launch((BH,), _options(_launch, block), (r_before, r_after, c_before, c_after, out), (L,))
     return out
 
 
 def head_decay_gradient(r_before, r_after, c_before, c_after, L: int, heads: int):
     """The dots' moments ``[BH, N, 2]`` float64 (contiguous; the output kernel's ``DOT_MOMENTS``)
     of sequences of ``L`` positions -> ``sum_t dl_t`` per head ``[heads]`` float32, summed over the
-    ``BH / heads`` sequences ``b * heads + h`` of head ``h``: LION-D's decay gradient."""
+    ``BH / heads`` sequences ``b * heads + h`` of head ``h``: LION-D's decay gradient. (Any cut of
+    the sequences into pieces gives the same sums: the moments weigh each dot by its position in
+    the sequence, not in its piece.)"""
+    if not isinstance(r_before, torch.Tensor) or r_before.dim() != 3:
+        raise ValueError(f"r_before must be a [BH, N, 2] tensor of moments, got "
+                         f"{list(r_before.shape) if isinstance(r_before, torch.Tensor) else type(r_before).__name__}")
     BH, N = r_before.shape[:2]
+    for name, moments in (("r_before", r_before), ("r_after", r_after), ("c_before", c_before), ("c_after", c_after)):
+        check_flat(moments, name, (BH, N, 2), torch.float64, r_before.device, "[BH, N, 2]")
+    if not isinstance(L, int) or isinstance(L, bool) or L < 1:
+        raise ValueError(f"L must be a positive int, got {L!r}")
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1 or BH % heads:
+        raise ValueError(f"heads must be a positive int that divides BH = {BH} (sequences b * heads + h), got {heads!r}")
     out = torch.empty(heads, device=r_before.device, dtype=torch.float32)
     block = min(BLOCK, next_power_of_2(BH // heads * N))
-    _launch_heads.launch((heads,), _head_options(block), (r_before, r_after, c_before, c_after, out),
+    _launch_heads.launch((heads,), _options(_launch_heads, block), (r_before, r_after, c_before, c_after, out),
                          (L, N, BH // heads, heads))
     return out

@@ -275,14 +275,13 @@ def _states_options(DK: int, DV: int, chunk_size: int, dtype, precision: str, ha
 def _output_options(DK: int, DV: int, chunk_size: int, precision: str, has_decay: bool, scalar_decay: bool,
                     lower: bool, upper: bool, with_den: bool, normalize: bool, row_offset: bool, col_offset: bool,
                     split: bool, dot_moments: bool, transposed_state: bool, shift: int, shifted: bool, twin: bool,
-                    carries: bool,
-                    normaliser_gradient: bool, persistent: bool, block_dv: int, block_dv2: int, warps: int,
-                    stages: int, loop_stages: int):
+                    carries: bool, normaliser_gradient: bool, persistent: bool, block_dv: int, block_dv2: int,
+                    warps: int, stages: int, loop_stages: int):
     return _launch_output.options(
         num_warps=warps, num_stages=stages, LOWER=lower, UPPER=upper, HAS_DECAY=has_decay, SCALAR_DECAY=scalar_decay,
         WITH_DEN=with_den, NORMALIZE=normalize, ROW_OFFSET=row_offset, COL_OFFSET=col_offset, SPLIT=split,
-        DOT_MOMENTS=dot_moments, TRANSPOSED_STATE=transposed_state, SHIFT=shift, SHIFTED=shifted, TWIN=twin, CARRIES=carries,
-        NORMALISER_GRADIENT=normaliser_gradient, CHUNK=chunk_size, DK=DK, DV=DV, BLOCK_DV=block_dv,
+        DOT_MOMENTS=dot_moments, TRANSPOSED_STATE=transposed_state, SHIFT=shift, SHIFTED=shifted, TWIN=twin,
+        CARRIES=carries, NORMALISER_GRADIENT=normaliser_gradient, CHUNK=chunk_size, DK=DK, DV=DV, BLOCK_DV=block_dv,
         BLOCK_DV2=block_dv2, PRECISION=precision, PERSISTENT=persistent, LOOP_STAGES=loop_stages)
 
 
@@ -367,9 +366,10 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
     same sums. ``shift``: the values' shift ``m`` float32, ``[BH, width]`` of the input named by
     ``shifted`` (``"q"``, ``"k"`` or ``"v"``), which the kernel centres as it loads it
     (:mod:`.centring`); ``shifted_out`` (like ``out``, with ``shifted="v"``): also write
-    ``out + m`` there. ``dot_moments`` (with ``partner``): instead of the row dots ``x_i``, each
-    chunk's sums ``sum_i x_i`` and ``sum_i i x_i`` (``i`` the position in the sequence), ``[BH, N, 2]``
-    float64 each: all that a decay shared by a head's positions needs (:mod:`.decay_gradient`).
+    ``out + m`` there. ``partner``: ``[BH, L, DV]`` contiguous, of ``v``'s dtype. ``dot_moments``
+    (with ``partner``): instead of the row dots ``x_i``, each chunk's sums ``sum_i x_i`` and
+    ``sum_i i x_i`` (``i`` the position in the sequence), ``[BH, N, 2]`` float64 each: all that a
+    decay shared by a head's positions needs (:mod:`.decay_gradient`).
     See :func:`masked_operator` for the rest.
 
     Returns ``out``, the normaliser ``[BH, L]`` float32 (or ``None``) and the pair of partner
@@ -377,8 +377,8 @@ def chunk_outputs(q, k, v, g, states: States, *, lower: bool, upper: bool, chunk
     """
     return _outputs(q, k, v, g, states, None, lower=lower, upper=upper, chunk_size=chunk_size,
                     normalize=normalize, with_den=with_den, row_offset=row_offset, col_offset=col_offset,
-                    partner=partner, dot_moments=dot_moments, transposed_state=transposed_state, out=out, persistent=persistent,
-                    shift=shift, shifted=shifted, shifted_out=shifted_out)[:3]
+                    partner=partner, dot_moments=dot_moments, transposed_state=transposed_state, out=out,
+                    persistent=persistent, shift=shift, shifted=shifted, shifted_out=shifted_out)[:3]
 
 
 def chunk_outputs_and_twin(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_size: int,
@@ -479,12 +479,12 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
     f32 = dict(device=q.device, dtype=torch.float32)
     offset = row_offset if row_offset is not None else col_offset
     y = c = dn = dc = None
+    if partner is not None:
+        check_flat(partner, "partner", (BH, L, DV), v.dtype, v.device, "[BH, L, DV]")
     if normaliser is not None:  # the kernel makes dN and the row offsets dc, and stores both
         y, c = normaliser
         dn = torch.empty(BH, L, DK, device=q.device, dtype=q.dtype)
         dc = torch.empty(BH, L, **f32)
-    if partner is not None:
-        check_flat(partner, "partner", (BH, L, DV), v.dtype, v.device, "[BH, L, DV]")
     if out is None:
         out = torch.empty(BH, L, DV, device=q.device, dtype=v.dtype)
     else:

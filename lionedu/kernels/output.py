@@ -314,8 +314,8 @@ def _chunk_output(
 def chunk_output_kernel(
     q_ptr, k_ptr, v_ptr,  # q, k [BH, L, DK], v [BH, L, DV], one dtype, contiguous
     g_ptr,  # chunk-local sums of the log decays [BH, N*C] float32, or [decay_heads] (SCALAR_DECAY)
-    offset_ptr,  # score offsets a_i or b_j [BH, L] float32 (ROW_OFFSET / COL_OFFSET; made, not read, with
-    # NORMALISER_GRADIENT)
+    offset_ptr,  # score offsets a_i or b_j [BH, L] float32 (ROW_OFFSET / COL_OFFSET; unused with
+    # NORMALISER_GRADIENT, which makes them: dc_ptr)
     S_ptr, z_ptr, u_ptr, w_ptr,  # from chunk_states_kernel: [slots, BH, N, ...]
     partner_ptr,  # P [BH, L, DV] (SPLIT only)
     out_ptr,  # out [BH, L, DV] in v's dtype (or another layout: out_sb, ...)
