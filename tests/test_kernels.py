@@ -536,6 +536,8 @@ def test_head_decay_gradient_refuses_bad_inputs():
         head_decay_gradient(m, m, m, m, 40, 4)
     with pytest.raises(ValueError, match="L must be a positive int"):
         head_decay_gradient(m, m, m, m, 0, 2)
+    with pytest.raises(TypeError, match="^r_before must be a tensor"):
+        head_decay_gradient(m.tolist(), m, m, m, 40, 2)
 
 
 def _random_decays(gen, BH, L, C, decay):

@@ -92,8 +92,9 @@ def _unflatten(t, B: int, H: int, d: int):
 class Saved(NamedTuple):
     """What the backward pass needs from the forward: the flattened, padded inputs
     ``q, k [BH, L, D']``, ``v [BH, L, Dv']``, the decays in the kernels' form ``g`` (``None``
-    for LIT, the caller's ``[H]`` decays as float32 for LION-D, the chunk sums for LION-S), the centred output ``y - m [B, H, L, Dv']`` (zero past ``Dv``; ``None`` unnormalised,
-    whose backward does not read the output), the normaliser
+    for LIT, the caller's ``[H]`` decays as float32 for LION-D, the chunk sums for LION-S), the
+    centred output ``y - m [B, H, L, Dv']`` (zero past ``Dv``; ``None`` unnormalised, whose
+    backward does not read the output), the normaliser
     ``den [BH, L]`` and the forward's states ``S`` and key sums ``z`` (:class:`.launch.States`;
     ``den`` and ``z`` are ``None`` unnormalised) and the values' shift ``m [BH, Dv']`` float32
     (``None`` unnormalised)."""

@@ -126,9 +126,10 @@ def head_decay_gradient(r_before, r_after, c_before, c_after, L: int, heads: int
     ``BH / heads`` sequences ``b * heads + h`` of head ``h``: LION-D's decay gradient. (Any cut of
     the sequences into pieces gives the same sums: the moments weigh each dot by its position in
     the sequence, not in its piece.)"""
-    if not isinstance(r_before, torch.Tensor) or r_before.dim() != 3:
-        raise ValueError(f"r_before must be a [BH, N, 2] tensor of moments, got "
-                         f"{list(r_before.shape) if isinstance(r_before, torch.Tensor) else type(r_before).__name__}")
+    if not isinstance(r_before, torch.Tensor):
+        raise TypeError(f"r_before must be a tensor, got {type(r_before).__name__}")
+    if r_before.dim() != 3:
+        raise ValueError(f"r_before must be a [BH, N, 2] tensor of moments, got {list(r_before.shape)}")
     BH, N = r_before.shape[:2]
     for name, moments in (("r_before", r_before), ("r_after", r_after), ("c_before", c_before), ("c_after", c_after)):
         check_flat(moments, name, (BH, N, 2), torch.float64, r_before.device, "[BH, N, 2]")
