@@ -68,7 +68,7 @@ def test_options_made_once_launch_as_the_call_does(fast):
     launch = Launcher(kernel)
     x = torch.zeros(4)
     options = launch.options(num_warps=2, num_stages=1, B=0, A=5)
-    assert options.meta == (5, 0) and options.key == (2, 1, (5, 0))
+    assert options.meta == (5, 0) and options.key == (2, 1, None, (5, 0))
     first = launch.launch((2,), options, (x,), (16,))
     assert kernel.calls == [((2,), (x, 16), dict(A=5, B=0, num_warps=2, num_stages=1))]
     assert launch((3,), x, 16, A=5, B=0, num_warps=2, num_stages=1) is first  # the call's key is the same
@@ -174,3 +174,59 @@ def test_off_under_the_interpreter_and_by_environment(monkeypatch):
     assert fast_launch._supported() == hasattr(triton, "knobs")
     monkeypatch.setenv("LIONEDU_FAST_LAUNCH", "0")
     assert not fast_launch._supported()
+
+
+class CountingKernel(FakeKernel):
+    """A fake kernel whose builds report registers and spills: ``counts(maxnreg)`` gives them."""
+
+    def __init__(self, counts):
+        super().__init__()
+        self.counts, self.builds = counts, []
+
+    def warmup(self, *args, grid, **kw):
+        self.builds.append(kw.get("maxnreg"))
+        regs, spills = self.counts(kw.get("maxnreg"))
+        return SimpleNamespace(n_regs=regs, n_spills=spills)
+
+
+@pytest.mark.parametrize("free, capped, limit", [
+    ((130, 0), (126, 0), 128),  # just over the target, and the capped build does not spill: squeezed
+    ((128, 0), None, None),  # at the target already: left alone, nothing built twice
+    ((200, 0), None, None),  # far over it: left alone
+    ((131, 0), (128, 16), None),  # the capped build spills: left alone
+])
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_register_target_squeezes_only_a_build_just_over_it(fast, monkeypatch, free, capped, limit, direct):
+    monkeypatch.setattr(fast_launch, "_enabled", direct)  # the direct path and the ordinary one decide alike
+    kernel = CountingKernel(lambda maxnreg: free if maxnreg is None else capped)
+    launch = Launcher(kernel)
+    options = launch.options(num_warps=4, num_stages=1, register_target=128, A=0, B=0)
+    assert options.key == (4, 1, 128, (0, 0))
+    x = torch.zeros(4)
+    for _ in range(3):
+        launch.launch((2,), options, (x,), (16,))
+    assert kernel.builds == ([None] if capped is None else [None, 128])  # decided once per configuration
+    launched = [call[2] for call in kernel.calls]
+    assert len(launched) == (1 if direct else 3)
+    assert all(kw.get("maxnreg") == limit for kw in launched)
+
+
+def test_no_register_target_builds_nothing_first(fast):
+    kernel = CountingKernel(lambda maxnreg: (130, 0))
+    launch = Launcher(kernel)
+    launch((1,), torch.zeros(2), 16, A=0, B=0)
+    assert kernel.builds == [] and "maxnreg" not in kernel.calls[0][2]
+
+
+def test_registers_for_programs():
+    from lionedu.kernels.registers import registers_for_programs
+
+    assert registers_for_programs(4, 4) == 128  # 65,536 registers, 4 programs of 128 threads
+    assert registers_for_programs(4, 3) == 168  # 170 rounded down to the allocation unit of 8
+    assert registers_for_programs(8, 4) == 64
+
+
+def test_counts_unknown_mean_no_squeeze():
+    from lionedu.kernels.registers import register_limit
+
+    assert register_limit(lambda maxnreg: SimpleNamespace(), 128) is None  # a Triton that does not report them

@@ -18,6 +18,10 @@ The launch sites of the attention kernels make their :class:`LaunchOptions` once
 configuration and pass ``None`` for the pointers a configuration never reads, which Triton
 compiles away (a stand-in tensor in their place was one more entry in every key).
 
+A launch site may also name a register target for a configuration (:mod:`.registers`): the
+launcher then decides once, on the configuration's first call, whether to compile it with the
+registers capped, and launches that build on the direct and the ordinary path alike.
+
 It is used only where that is safe: on a GPU (never under Triton's interpreter), with a
 Triton that launches compiled kernels the way this module does (one that has
 ``triton.knobs``; tested with Triton 3.6), and while no launch hooks are installed (profilers install them, and they see
@@ -28,9 +32,12 @@ launcher takes other arguments), it turns itself off and the call goes through T
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import torch
 import triton
+
+from .registers import register_limit
 
 __all__ = ["Launcher", "LaunchOptions", "fast_launch_enabled", "set_fast_launch"]
 
@@ -94,13 +101,16 @@ class LaunchOptions:
     """The compile-time half of a launch: warps, pipeline stages and the constexpr values, made by
     :meth:`Launcher.options` once per configuration (its callers cache it, :mod:`.launch`).
 
-    ``key``: ``(num_warps, num_stages, meta)`` with ``meta`` the constexpr values in the kernel's
-    signature order, or ``None`` for a kernel the launcher never launches directly."""
-    __slots__ = ("num_warps", "num_stages", "constexprs", "meta", "key")
+    ``register_target``: registers per thread to squeeze the build into where it lands just over
+    them (:func:`.registers.register_limit`), or ``None``.
+    ``key``: ``(num_warps, num_stages, register_target, meta)`` with ``meta`` the constexpr values
+    in the kernel's signature order, or ``None`` for a kernel the launcher never launches directly."""
+    __slots__ = ("num_warps", "num_stages", "register_target", "constexprs", "meta", "key")
 
-    def __init__(self, num_warps: int, num_stages: int, constexprs: dict, meta):
+    def __init__(self, num_warps: int, num_stages: int, constexprs: dict, meta, register_target=None):
         self.num_warps, self.num_stages, self.constexprs, self.meta = num_warps, num_stages, constexprs, meta
-        self.key = None if meta is None else (num_warps, num_stages, meta)
+        self.register_target = register_target
+        self.key = None if meta is None else (num_warps, num_stages, register_target, meta)
 
 
 class Launcher:
@@ -119,6 +129,7 @@ class Launcher:
     def __init__(self, kernel):
         self.kernel = kernel
         self._compiled: dict = {}
+        self._register_limits: dict = {}  # key -> maxnreg or None, for options with a register target
         params = getattr(kernel, "params", None)  # a JITFunction's; the interpreter's functions have none
         if params is None:
             self._constexpr_names = None  # always the ordinary path
@@ -129,11 +140,11 @@ class Launcher:
         ordered = all(is_constexpr[first:])
         self._constexpr_names = tuple(p.name for p in params[first:]) if ordered else None
 
-    def options(self, num_warps: int = 4, num_stages: int = 3, **constexprs) -> LaunchOptions:
+    def options(self, num_warps: int = 4, num_stages: int = 3, register_target=None, **constexprs) -> LaunchOptions:
         """The :class:`LaunchOptions` of a configuration; every constexpr parameter by name."""
         names = self._constexpr_names
         meta = None if names is None else tuple(constexprs[name] for name in names)
-        return LaunchOptions(num_warps, num_stages, constexprs, meta)
+        return LaunchOptions(num_warps, num_stages, constexprs, meta, register_target)
 
     def __call__(self, grid, *args, num_warps: int = 4, num_stages: int = 3, **constexprs):
         pointers = 0  # the leading tensor (or None) arguments
@@ -167,7 +178,7 @@ class Launcher:
         if compiled is None:  # first call of this configuration: Triton's path, which may compile
             if len(self._compiled) >= MAX_CONFIGURATIONS:
                 self._compiled.clear()
-            compiled = self._compiled[key] = self._through_triton(grid, options, pointers, scalars)
+            compiled = self._compiled[key] = self._through_triton(grid, options, pointers, scalars, key)
             return compiled
         grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
         try:
@@ -180,7 +191,26 @@ class Launcher:
             return self._through_triton(grid, options, pointers, scalars)
         return compiled
 
-    def _through_triton(self, grid, options: LaunchOptions, pointers, scalars):
-        """The ordinary launch, ``kernel[grid](...)``: Triton's own path, which compiles when needed."""
+    def _through_triton(self, grid, options: LaunchOptions, pointers, scalars, key=None):
+        """The ordinary launch, ``kernel[grid](...)``: Triton's own path, which compiles when needed;
+        with the registers capped where the options' target says so (``key``: the launch's key,
+        made here when not given)."""
+        limit = {}
+        if options.register_target is not None and self._constexpr_names is not None:  # not the interpreter's
+            if key is None:
+                key = self.key(_current_device(), options, pointers, scalars)
+            if key not in self._register_limits:
+                if len(self._register_limits) >= MAX_CONFIGURATIONS:
+                    self._register_limits.clear()
+                build = partial(self._build, grid, options, pointers, scalars)
+                self._register_limits[key] = register_limit(build, options.register_target)
+            if self._register_limits[key] is not None:
+                limit = dict(maxnreg=self._register_limits[key])
         return self.kernel[grid](*pointers, *scalars, num_warps=options.num_warps, num_stages=options.num_stages,
-                                 **options.constexprs)
+                                 **limit, **options.constexprs)
+
+    def _build(self, grid, options: LaunchOptions, pointers, scalars, maxnreg):
+        """The compiled kernel of a launch, without launching it (``maxnreg``: a cap, or ``None``)."""
+        limit = {} if maxnreg is None else dict(maxnreg=maxnreg)
+        return self.kernel.warmup(*pointers, *scalars, grid=grid, num_warps=options.num_warps,
+                                  num_stages=options.num_stages, **limit, **options.constexprs)

@@ -19,6 +19,7 @@ from .centring import shift_constants
 from .fast_launch import Launcher
 from .layout import check_flat, check_rows, heads, row_strides
 from .output import chunk_output_kernel
+from .registers import registers_for_programs
 from .states import chunk_states_kernel
 
 _launch_states = Launcher(chunk_states_kernel)
@@ -112,14 +113,18 @@ def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors:
     output kernel is parallel over chunks already, computes the ``C x C`` scores once per
     program and loops over value tiles, so it wants wide ones; on its persistent grid
     (:func:`persistent_outputs`) it runs ``output_programs_per_sm`` programs per multiprocessor
-    with ``output_loop_stages`` chunks' loads in flight.
+    with ``output_loop_stages`` chunks' loads in flight; on one program per chunk its build is
+    squeezed into ``output_registers`` per thread (four programs per multiprocessor) where it
+    lands just over them (:mod:`.registers`).
     """
     wide = dk > 128 or dv > 128
     block_dk, block_dv, segments = states_plan(dk, dv, walks, chunks, multiprocessors)
+    output_warps = 8 if wide or chunk > 64 else 4
     return dict(states_block_dk=block_dk, states_block_dv=block_dv, states_segments=segments, states_warps=4,
                 states_stages=2 if wide else 3,
-                output_block_dv=min(dv, 64), output_warps=8 if wide or chunk > 64 else 4,
-                output_stages=1, output_programs_per_sm=2, output_loop_stages=2)
+                output_block_dv=min(dv, 64), output_warps=output_warps,
+                output_stages=1, output_programs_per_sm=2, output_loop_stages=2,
+                output_registers=registers_for_programs(output_warps, 4))
 
 
 def persistent_outputs(dtype: torch.dtype, dk: int, dv: int, chunk: int, decays: bool) -> bool:
@@ -276,9 +281,10 @@ def _output_options(DK: int, DV: int, chunk_size: int, precision: str, has_decay
                     lower: bool, upper: bool, with_den: bool, normalize: bool, row_offset: bool, col_offset: bool,
                     split: bool, dot_moments: bool, transposed_state: bool, shift: int, shifted: bool, twin: bool,
                     carries: bool, normaliser_gradient: bool, persistent: bool, block_dv: int, block_dv2: int,
-                    warps: int, stages: int, loop_stages: int):
+                    warps: int, stages: int, loop_stages: int, registers):
     return _launch_output.options(
-        num_warps=warps, num_stages=stages, LOWER=lower, UPPER=upper, HAS_DECAY=has_decay, SCALAR_DECAY=scalar_decay,
+        num_warps=warps, num_stages=stages, register_target=registers, LOWER=lower, UPPER=upper, HAS_DECAY=has_decay,
+        SCALAR_DECAY=scalar_decay,
         WITH_DEN=with_den, NORMALIZE=normalize, ROW_OFFSET=row_offset, COL_OFFSET=col_offset, SPLIT=split,
         DOT_MOMENTS=dot_moments, TRANSPOSED_STATE=transposed_state, SHIFT=shift, SHIFTED=shifted, TWIN=twin,
         CARRIES=carries, NORMALISER_GRADIENT=normaliser_gradient, CHUNK=chunk_size, DK=DK, DV=DV, BLOCK_DV=block_dv,
@@ -519,7 +525,8 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
                               0 if shift is None else ("q", "k", "v").index(shifted) + 1, shifted_out is not None,
                               q2 is not None, starts is not None, normaliser is not None, persistent,
                               cfg["output_block_dv"], launch_config(DV, DK, chunk_size)["output_block_dv"],
-                              cfg["output_warps"], cfg["output_stages"], cfg["output_loop_stages"])
+                              cfg["output_warps"], cfg["output_stages"], cfg["output_loop_stages"],
+                              None if persistent else cfg["output_registers"])
     # Pointers a configuration never reads are None: Triton compiles them away.
     _launch_output.launch(
         grid, options,
