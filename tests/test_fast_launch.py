@@ -230,3 +230,69 @@ def test_counts_unknown_mean_no_squeeze():
     from lionedu.kernels.registers import register_limit
 
     assert register_limit(lambda maxnreg: SimpleNamespace(), 128) is None  # a Triton that does not report them
+
+
+class LoadedOnDemand:
+    """A compiled kernel as Triton's: its counts exist only once ``_init_handles`` has loaded it."""
+
+    def __init__(self, regs, local):
+        self._counts = (regs, local)
+
+    def _init_handles(self):
+        self.n_regs, self.n_spills = self._counts
+
+
+def test_counts_are_read_after_loading_the_build():
+    from lionedu.kernels.registers import register_limit
+
+    builds = {None: LoadedOnDemand(130, 0), 128: LoadedOnDemand(126, 0)}
+    assert register_limit(builds.__getitem__, 128) == 128
+
+
+def test_local_memory_of_the_free_build_is_allowed_but_not_more():
+    from lionedu.kernels.registers import register_limit
+
+    assert register_limit(lambda m: SimpleNamespace(n_regs=130 if m is None else 128, n_spills=4), 128) == 128  # stack
+    assert register_limit(lambda m: SimpleNamespace(n_regs=130 if m is None else 128, n_spills=4 if m is None else 6),
+                          128) is None
+
+
+@pytest.mark.parametrize("fails", [None, 128])
+def test_a_failing_build_leaves_the_compiler_be(fails):
+    """A Triton without maxnreg (its capped build raises), or a failing build: no cap, no error."""
+    from lionedu.kernels.registers import register_limit
+
+    def build(maxnreg):
+        if maxnreg == fails:
+            raise KeyError("Keyword argument maxnreg was specified but unrecognised")
+        return SimpleNamespace(n_regs=130 if maxnreg is None else 126, n_spills=0)
+
+    assert register_limit(build, 128) is None
+
+
+def test_no_squeeze_off_cuda(monkeypatch):
+    from lionedu.kernels.registers import register_limit
+
+    monkeypatch.setattr(torch.version, "hip", "6.0")
+    assert register_limit(lambda m: SimpleNamespace(n_regs=130 if m is None else 126, n_spills=0), 128) is None
+
+
+def test_the_interpreters_kernels_get_no_register_target(fast):
+    kernel = CountingKernel(lambda maxnreg: pytest.fail("an interpreted kernel is never built ahead"))
+    del kernel.params  # the interpreter's functions have none
+    launch = Launcher(kernel)
+    options = launch.options(num_warps=4, num_stages=1, register_target=128, A=0, B=0)
+    launch.launch((1,), options, (torch.zeros(2),), (16,))
+    assert kernel.builds == [] and "maxnreg" not in kernel.calls[0][2]
+
+
+def test_the_register_decisions_are_bounded(fast, monkeypatch):
+    monkeypatch.setattr(fast_launch, "MAX_CONFIGURATIONS", 2)
+    monkeypatch.setattr(fast_launch, "_enabled", False)
+    kernel = CountingKernel(lambda maxnreg: (130, 0) if maxnreg is None else (126, 0))
+    launch = Launcher(kernel)
+    for n in (16, 17, 18, 16):
+        launch((1,), torch.zeros(2), n, A=0, B=0, register_target=128)
+        assert len(launch._register_limits) <= 2
+    assert kernel.builds == [None, 128] * 4  # 16 was decided again after the decisions started afresh
+    assert all(call[2]["maxnreg"] == 128 for call in kernel.calls)

@@ -1047,6 +1047,25 @@ def test_persistent_outputs_rule():
     assert not persistent_outputs(torch.bfloat16, 64, 64, 128, True)
 
 
+def test_register_target_only_off_the_persistent_grid(monkeypatch):
+    """The output launches on one program per chunk name launch_config's register target (128 for
+    four warps), those on the persistent grid none; eight-warp configurations name none either."""
+    from lionedu.kernels import launch
+
+    assert launch.launch_config(64, 64, 64)["output_registers"] == 128
+    assert launch.launch_config(256, 64, 64)["output_registers"] is None  # 8 warps: not measured
+    targets = []
+    real = launch._launch_output.launch
+    monkeypatch.setattr(launch._launch_output, "launch",
+                        lambda grid, options, *args: targets.append(options.register_target) or real(grid, options, *args))
+    BH, L, C = 2, 40, 16
+    q, k, v = (torch.rand(BH, L, 16, device=DEVICE) for _ in range(3))
+    states = launch.chunk_states(k, v, None, lower=True, upper=True, chunk_size=C)
+    for persistent in (False, True):
+        launch.chunk_outputs(q, k, v, None, states, lower=True, upper=True, chunk_size=C, persistent=persistent)
+    assert targets == [launch.launch_config(16, 16, C)["output_registers"], None]
+
+
 def test_float32_dot_precision(monkeypatch):
     """float32 tiles are multiplied as three TF32 products where tensor cores take TF32
     (compute capability 8 and later), in plain float32 elsewhere and under the interpreter."""

@@ -15,7 +15,8 @@ which normalised attention runs on centred values (book chapter 8, sections 10 a
 :mod:`.launch` runs the two kernels as one masked operator; :mod:`.autograd` the
 ``torch.autograd.Function`` that makes attention and its gradients out of operators (book
 chapters 6 and 7); :mod:`.fast_launch` launches the compiled kernels without Triton's per-call
-Python after their first call (book chapter 8; ``LIONEDU_FAST_LAUNCH=0`` turns it off);
+Python after their first call (book chapter 8; ``LIONEDU_FAST_LAUNCH=0`` turns it off), and
+:mod:`.registers` decides where a build is squeezed into fewer registers;
 :mod:`.compiled` the two passes as custom operators, which ``torch.compile`` can place in its
 graphs; :mod:`.feature_maps` :class:`lionedu.nn.LionAttention`'s feature maps fused into one pass
 each way; :mod:`.primer` the small teaching kernels of chapter 5.

@@ -19,7 +19,7 @@ configuration and pass ``None`` for the pointers a configuration never reads, wh
 compiles away (a stand-in tensor in their place was one more entry in every key).
 
 A launch site may also name a register target for a configuration (:mod:`.registers`): the
-launcher then decides once, on the configuration's first call, whether to compile it with the
+launcher then decides once per key (the first call with it), whether to compile it with the
 registers capped, and launches that build on the direct and the ordinary path alike.
 
 It is used only where that is safe: on a GPU (never under Triton's interpreter), with a
@@ -107,7 +107,7 @@ class LaunchOptions:
     in the kernel's signature order, or ``None`` for a kernel the launcher never launches directly."""
     __slots__ = ("num_warps", "num_stages", "register_target", "constexprs", "meta", "key")
 
-    def __init__(self, num_warps: int, num_stages: int, constexprs: dict, meta, register_target=None):
+    def __init__(self, num_warps: int, num_stages: int, constexprs: dict, meta, register_target: int | None = None):
         self.num_warps, self.num_stages, self.constexprs, self.meta = num_warps, num_stages, constexprs, meta
         self.register_target = register_target
         self.key = None if meta is None else (num_warps, num_stages, register_target, meta)
@@ -124,7 +124,8 @@ class Launcher:
     ``options = launcher.options(num_warps=..., num_stages=..., **constexprs)``, and call
     ``launcher.launch(grid, options, pointers, scalars)``: ``pointers`` the tensor arguments in
     order (``None`` for one the configuration never reads; Triton then compiles it away),
-    ``scalars`` the rest."""
+    ``scalars`` the rest. Options with a ``register_target`` are compiled with the registers
+    capped where :func:`.registers.register_limit` says so, decided once per key."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -140,8 +141,10 @@ class Launcher:
         ordered = all(is_constexpr[first:])
         self._constexpr_names = tuple(p.name for p in params[first:]) if ordered else None
 
-    def options(self, num_warps: int = 4, num_stages: int = 3, register_target=None, **constexprs) -> LaunchOptions:
-        """The :class:`LaunchOptions` of a configuration; every constexpr parameter by name."""
+    def options(self, num_warps: int = 4, num_stages: int = 3, register_target: int | None = None,
+                **constexprs) -> LaunchOptions:
+        """The :class:`LaunchOptions` of a configuration; every constexpr parameter by name;
+        ``register_target``: see :class:`LaunchOptions`."""
         names = self._constexpr_names
         meta = None if names is None else tuple(constexprs[name] for name in names)
         return LaunchOptions(num_warps, num_stages, constexprs, meta, register_target)
@@ -196,7 +199,9 @@ class Launcher:
         with the registers capped where the options' target says so (``key``: the launch's key,
         made here when not given)."""
         limit = {}
-        if options.register_target is not None and self._constexpr_names is not None:  # not the interpreter's
+        # (_constexpr_names is None for the interpreter's functions, which take no maxnreg, and for
+        # a kernel whose constexpr parameters are not last: neither gets a register target)
+        if options.register_target is not None and self._constexpr_names is not None:
             if key is None:
                 key = self.key(_current_device(), options, pointers, scalars)
             if key not in self._register_limits:

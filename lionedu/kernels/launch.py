@@ -113,9 +113,9 @@ def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors:
     output kernel is parallel over chunks already, computes the ``C x C`` scores once per
     program and loops over value tiles, so it wants wide ones; on its persistent grid
     (:func:`persistent_outputs`) it runs ``output_programs_per_sm`` programs per multiprocessor
-    with ``output_loop_stages`` chunks' loads in flight; on one program per chunk its build is
-    squeezed into ``output_registers`` per thread (four programs per multiprocessor) where it
-    lands just over them (:mod:`.registers`).
+    with ``output_loop_stages`` chunks' loads in flight; on one program per chunk, with four
+    warps, its build is squeezed into ``output_registers`` (128) per thread, four programs per
+    multiprocessor, where it lands just over them (:mod:`.registers`; ``None``: never).
     """
     wide = dk > 128 or dv > 128
     block_dk, block_dv, segments = states_plan(dk, dv, walks, chunks, multiprocessors)
@@ -124,7 +124,8 @@ def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors:
                 states_stages=2 if wide else 3,
                 output_block_dv=min(dv, 64), output_warps=output_warps,
                 output_stages=1, output_programs_per_sm=2, output_loop_stages=2,
-                output_registers=registers_for_programs(output_warps, 4))
+                # four programs of four warps (measured); 8-warp builds are left to the compiler
+                output_registers=registers_for_programs(output_warps, 4) if output_warps == 4 else None)
 
 
 def persistent_outputs(dtype: torch.dtype, dk: int, dv: int, chunk: int, decays: bool) -> bool:
@@ -281,7 +282,7 @@ def _output_options(DK: int, DV: int, chunk_size: int, precision: str, has_decay
                     lower: bool, upper: bool, with_den: bool, normalize: bool, row_offset: bool, col_offset: bool,
                     split: bool, dot_moments: bool, transposed_state: bool, shift: int, shifted: bool, twin: bool,
                     carries: bool, normaliser_gradient: bool, persistent: bool, block_dv: int, block_dv2: int,
-                    warps: int, stages: int, loop_stages: int, registers):
+                    warps: int, stages: int, loop_stages: int, registers: Optional[int]):
     return _launch_output.options(
         num_warps=warps, num_stages=stages, register_target=registers, LOWER=lower, UPPER=upper, HAS_DECAY=has_decay,
         SCALAR_DECAY=scalar_decay,

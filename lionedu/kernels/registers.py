@@ -4,45 +4,59 @@ A Hopper multiprocessor has 65,536 registers. A program of four warps (128 threa
 128 registers per thread lets four programs share a multiprocessor; at 130 only three fit,
 a quarter fewer warps to hide memory latency with. The compiler's count moves by a few
 registers with small changes of the source: the output launch of LION-D's causal forward used
-124 registers in v19 and 130 in v20 (one more integer argument, for the decays read in place),
-and took 233 µs instead of 204 at L = 16384 (H200, Triton 3.6; dev runs §53). Capped at 128
-it used 126, with no spills, and the forward was 8 % faster. So where a launch site names a
-register target, :func:`register_limit` compiles the configuration once without and, if it
-lands just over the target, once with the cap, and keeps the cap only if the capped build
-spills nothing. A build far over the target is left alone: squeezing it would spill.
+124 registers before its decays were read in place (session 21's base) and 130 after (v19 and
+v20), and took 233 µs instead of 204 at L = 16384 (H200, Triton 3.6; dev runs §53). Capped at
+128 it used 126, with no local memory, and the forward was 8 % faster. So where a launch site
+names a register target, :func:`register_limit` compiles the configuration once without and, if
+it lands just over the target, once with the cap, and keeps the cap only if the capped build
+uses no more local memory (spills) than the free one. A build far over the target is left
+alone: squeezing it would most likely spill. Only CUDA builds are squeezed (``maxnreg`` is
+NVIDIA's); a build that fails or does not report its counts leaves the compiler be.
 """
 from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["register_limit", "SLACK", "registers_for_programs"]
+import torch
+
+__all__ = ["MAX_REGISTERS", "SLACK", "register_limit", "registers_for_programs"]
 
 SLACK = 8  # squeeze a build that is at most this many registers per thread over its target
+MAX_REGISTERS = 255  # the most a thread may have
 
 
 def registers_for_programs(warps: int, programs: int, registers: int = 65536) -> int:
     """The most registers per thread with which ``programs`` programs of ``warps`` warps share
-    a multiprocessor of ``registers`` registers (allocation is per warp, in units of 8)."""
-    return registers // (programs * warps * 32) // 8 * 8
+    a multiprocessor of ``registers`` registers (allocation is per warp, in units of 8 per
+    thread), at most :data:`MAX_REGISTERS`."""
+    return min(registers // (programs * warps * 32) // 8 * 8, MAX_REGISTERS)
 
 
 def _counts(compiled):
-    """``(registers per thread, spilled bytes)`` of a compiled kernel, or ``None`` where this
-    Triton does not report them (the counts come with loading the binary onto the device)."""
+    """``(registers per thread, local memory in 4-byte words)`` of a compiled kernel (Triton's
+    ``n_regs`` and ``n_spills``: spills and stack), or ``None`` where this Triton does not report
+    them. The counts come with loading the binary onto the device, hence ``_init_handles``."""
     init = getattr(compiled, "_init_handles", None)
     if init is not None:
         init()
-    regs, spills = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
-    return None if regs is None or spills is None else (regs, spills)
+    regs, local = getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None)
+    return None if regs is None or local is None else (regs, local)
 
 
 def register_limit(build: Callable[[int | None], object], target: int) -> int | None:
     """``maxnreg`` for a configuration: ``target`` where ``build(None)`` (the compiler's own
     choice) uses more than ``target`` and at most ``target + SLACK`` registers per thread and
-    ``build(target)`` spills nothing; else ``None`` (leave the compiler be). ``build(maxnreg)``
-    compiles the configuration without launching it and returns the compiled kernel."""
-    free = _counts(build(None))
-    if free is None or not target < free[0] <= target + SLACK:
+    ``build(target)`` fits the target with no more local memory; else ``None`` (leave the
+    compiler be: also off CUDA, and where a build raises or does not report its counts).
+    ``build(maxnreg)`` compiles the configuration without launching it and returns the
+    compiled kernel."""
+    if torch.version.hip is not None:
         return None
-    capped = _counts(build(target))
-    return target if capped is not None and capped[0] <= target and capped[1] == 0 else None
+    try:
+        free = _counts(build(None))
+        if free is None or not target < free[0] <= target + SLACK:
+            return None
+        capped = _counts(build(target))
+    except Exception:  # an optional saving: whatever fails here, the ordinary launch will report
+        return None
+    return target if capped is not None and capped[0] <= target and capped[1] <= free[1] else None
