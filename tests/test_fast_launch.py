@@ -41,6 +41,12 @@ class FakeKernel:
         return launch
 
 
+@pytest.fixture(autouse=True)
+def cuda_build(monkeypatch):
+    """The register target squeezes CUDA builds only: pretend a CUDA torch where it is ROCm's."""
+    monkeypatch.setattr(torch.version, "hip", None)
+
+
 @pytest.fixture
 def fast(monkeypatch):
     """Direct launches on, as on a GPU: device 0, stream 7, no hooks."""
