@@ -198,7 +198,7 @@ class Launcher:
         """The ordinary launch, ``kernel[grid](...)``: Triton's own path, which compiles when needed;
         with the registers capped where the options' target says so (``key``: the launch's key,
         made here when not given)."""
-        limit = {}
+        maxnreg = None
         # (_constexpr_names is None for the interpreter's functions, which take no maxnreg, and for
         # a kernel whose constexpr parameters are not last: neither gets a register target)
         if options.register_target is not None and self._constexpr_names is not None:
@@ -209,13 +209,16 @@ class Launcher:
                     self._register_limits.clear()
                 build = partial(self._build, grid, options, pointers, scalars)
                 self._register_limits[key] = register_limit(build, options.register_target)
-            if self._register_limits[key] is not None:
-                limit = dict(maxnreg=self._register_limits[key])
-        return self.kernel[grid](*pointers, *scalars, num_warps=options.num_warps, num_stages=options.num_stages,
-                                 **limit, **options.constexprs)
+            maxnreg = self._register_limits[key]
+        return self.kernel[grid](*pointers, *scalars, **_compile_options(options, maxnreg))
 
     def _build(self, grid, options: LaunchOptions, pointers, scalars, maxnreg):
         """The compiled kernel of a launch, without launching it (``maxnreg``: a cap, or ``None``)."""
-        limit = {} if maxnreg is None else dict(maxnreg=maxnreg)
-        return self.kernel.warmup(*pointers, *scalars, grid=grid, num_warps=options.num_warps,
-                                  num_stages=options.num_stages, **limit, **options.constexprs)
+        return self.kernel.warmup(*pointers, *scalars, grid=grid, **_compile_options(options, maxnreg))
+
+
+def _compile_options(options: LaunchOptions, maxnreg) -> dict:
+    """The keyword arguments of a launch or a build with ``options``; ``maxnreg`` only where set
+    (Triton's interpreter takes no such option)."""
+    limit = {} if maxnreg is None else dict(maxnreg=maxnreg)
+    return dict(num_warps=options.num_warps, num_stages=options.num_stages, **limit, **options.constexprs)
