@@ -197,9 +197,12 @@ class CountingKernel(FakeKernel):
 
 @pytest.mark.parametrize("free, capped, limit", [
     ((130, 0), (126, 0), 128),  # just over the target, and the capped build does not spill: squeezed
+    ((150, 0), (128, 14), 128),  # LION-S's bidirectional forward (dev runs §54): a few words spilled, squeezed
+    ((152, 0), (128, 24), 128),  # at the slack and the spill allowance: squeezed
     ((128, 0), None, None),  # at the target already: left alone, nothing built twice
+    ((153, 0), None, None),  # further over it than the slack: left alone
     ((200, 0), None, None),  # far over it: left alone
-    ((131, 0), (128, 16), None),  # the capped build spills: left alone
+    ((131, 0), (128, 25), None),  # the capped build spills more than allowed: left alone
 ])
 @pytest.mark.parametrize("direct", [True, False])
 def test_a_register_target_squeezes_only_a_build_just_over_it(fast, monkeypatch, free, capped, limit, direct):
@@ -255,12 +258,17 @@ def test_counts_are_read_after_loading_the_build():
     assert register_limit(builds.__getitem__, 128) == 128
 
 
-def test_local_memory_of_the_free_build_is_allowed_but_not_more():
-    from lionedu.kernels.registers import register_limit
+def test_the_spill_allowance_counts_from_the_free_builds_local_memory():
+    from lionedu.kernels.registers import SPILL_WORDS, register_limit
 
-    assert register_limit(lambda m: SimpleNamespace(n_regs=130 if m is None else 128, n_spills=4), 128) == 128  # stack
-    assert register_limit(lambda m: SimpleNamespace(n_regs=130 if m is None else 128, n_spills=4 if m is None else 6),
-                          128) is None
+    def limit(free_local, capped_local):
+        return register_limit(lambda m: SimpleNamespace(n_regs=130 if m is None else 128,
+                                                        n_spills=free_local if m is None else capped_local), 128)
+
+    assert limit(4, 4) == 128  # the free build's own stack
+    assert limit(4, 4 + SPILL_WORDS) == 128
+    assert limit(4, 5 + SPILL_WORDS) is None
+    assert limit(0, 1 + SPILL_WORDS) is None
 
 
 @pytest.mark.parametrize("fails", [None, 128])
@@ -297,8 +305,33 @@ def test_the_register_decisions_are_bounded(fast, monkeypatch):
     monkeypatch.setattr(fast_launch, "_enabled", False)
     kernel = CountingKernel(lambda maxnreg: (130, 0) if maxnreg is None else (126, 0))
     launch = Launcher(kernel)
-    for n in (16, 17, 18, 16):
+    for n in (16, 17, 1, 16):  # three specialisations: a multiple of 16, another number, 1
         launch((1,), torch.zeros(2), n, A=0, B=0, register_target=128)
         assert len(launch._register_limits) <= 2
     assert kernel.builds == [None, 128] * 4  # 16 was decided again after the decisions started afresh
     assert all(call[2]["maxnreg"] == 128 for call in kernel.calls)
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_register_decisions_follow_triton_s_specialisation(fast, monkeypatch, direct):
+    """A new length that Triton compiles no differently (here 4096 after 1024: both multiples of 16) is
+    not built again to decide; 1000 (not a multiple of 16) and 2**40 (past 32 bits) are."""
+    monkeypatch.setattr(fast_launch, "_enabled", direct)
+    kernel = CountingKernel(lambda maxnreg: (130, 0) if maxnreg is None else (126, 0))
+    launch = Launcher(kernel)
+    options = launch.options(num_warps=4, num_stages=1, register_target=128, A=0, B=0)
+    x = torch.zeros(4)
+    for n in (1024, 4096, 1000, 2**40, 4096):
+        launch.launch((2,), options, (x,), (n, 0.5, True))
+    assert kernel.builds == [None, 128] * 3
+    assert all(call[2]["maxnreg"] == 128 for call in kernel.calls)
+    assert len(kernel.calls) == (4 if direct else 5)  # the direct path launches the second 4096 itself
+
+
+def test_the_specialisation_of_scalars():
+    from lionedu.kernels.fast_launch import _scalar_class
+
+    assert _scalar_class(32) == _scalar_class(4096) != _scalar_class(40) != _scalar_class(1)
+    assert _scalar_class(2**40) == _scalar_class(2**41 + 16) != _scalar_class(2**20)  # past 32 bits: int64
+    assert _scalar_class(0.5) == _scalar_class(2.0) and _scalar_class(True) != _scalar_class(False)
+    assert _scalar_class(True) != _scalar_class(1)

@@ -1302,32 +1302,41 @@ def test_gpu_state_tiles(monkeypatch, dtype, variant, causal, tile):
 
 
 @pytest.mark.gpu
-def test_gpu_register_target():
-    """LION-D's causal forward at the benchmark's shape (its walk in segments, the carries read by the
-    output launch): every build the launcher capped fits the target, the output stays right, and with
-    Triton 3.6 on Hopper the build that motivated the target (130 registers, dev runs §53) is capped."""
+@pytest.mark.parametrize("variant, causal, motive", [
+    ("d", True, "the 130-register build of LION-D's causal forward (dev runs §53)"),
+    ("s", False, "the 150-register build of LION-S's bidirectional forward (dev runs §54)"),
+])
+def test_gpu_register_target(variant, causal, motive):
+    """A forward without gradients at the benchmark's shape (LION-D causal: its walk in segments, the
+    carries read by the output launch): every build the launcher capped fits the target, the output
+    stays right, and with Triton 3.6 on Hopper the build that motivated the target is capped."""
     import triton
 
     from lionedu.kernels import launch
+    from lionedu.kernels.fast_launch import _scalar_class
 
     B, H, L, D = 4, 16, 4096, 64
     gen = torch.Generator(device="cuda").manual_seed(7)
     q, k = (torch.rand(B, H, L, D, device="cuda", generator=gen) for _ in range(2))
     v = torch.randn(B, H, L, D, device="cuda", generator=gen)
-    ld = torch.nn.functional.logsigmoid(torch.randn(H, device="cuda", generator=gen) + 3)
-    launch._launch_output._register_limits.clear()  # decided afresh here, on the first call of each key
+    if variant == "d":
+        ld = torch.nn.functional.logsigmoid(torch.randn(H, device="cuda", generator=gen) + 3)
+    else:
+        ld = torch.nn.functional.logsigmoid(torch.randn(B, H, L, device="cuda", generator=gen) + 3)
+    launch._launch_output._register_limits.clear()  # decided afresh here, once per specialisation
     launch._launch_output._compiled.clear()
     with torch.no_grad():
-        y = kernels.chunkwise(q.bfloat16(), k.bfloat16(), v.bfloat16(), ld, causal=True).double()
-    ref = vectorized.chunkwise(q.double(), k.double(), v.double(), ld.double(), causal=True)
+        y = kernels.chunkwise(q.bfloat16(), k.bfloat16(), v.bfloat16(), ld, causal=causal).double()
+    ref = vectorized.chunkwise(q.double(), k.double(), v.double(), ld.double(), causal=causal)
     assert float((y - ref).norm() / ref.norm()) < 1e-2
-    capped = [key for key, limit in launch._launch_output._register_limits.items() if limit is not None]
-    for key in capped:
-        compiled = launch._launch_output._compiled.get(key)
-        if compiled is not None:  # the direct path keeps the launched build
+    decisions = launch._launch_output._register_limits
+    capped = [which for which, limit in decisions.items() if limit is not None]
+    for key, compiled in launch._launch_output._compiled.items():  # the direct path keeps the launched builds
+        device, options_key, scalars, _, *pointers = key
+        if decisions.get((device, options_key, tuple(map(_scalar_class, scalars)), *pointers)) is not None:
             assert compiled.n_regs <= 128
     if torch.cuda.get_device_capability() == (9, 0) and triton.__version__.startswith("3.6"):
-        assert capped, "the 130-register build of LION-D's causal forward was not capped"
+        assert capped, f"{motive} was not capped"
 
 
 @pytest.mark.gpu

@@ -19,8 +19,9 @@ configuration and pass ``None`` for the pointers a configuration never reads, wh
 compiles away (a stand-in tensor in their place was one more entry in every key).
 
 A launch site may also name a register target for a configuration (:mod:`.registers`): the
-launcher then decides once per key (the first call with it), whether to compile it with the
-registers capped, and launches that build on the direct and the ordinary path alike.
+launcher then decides once per compiled specialisation (:meth:`Launcher.specialisation`: a new
+sequence length that Triton compiles no differently is not decided again) whether to compile it
+with the registers capped, and launches that build on the direct and the ordinary path alike.
 
 It is used only where that is safe: on a GPU (never under Triton's interpreter), with a
 Triton that launches compiled kernels the way this module does (one that has
@@ -130,7 +131,7 @@ class Launcher:
     def __init__(self, kernel):
         self.kernel = kernel
         self._compiled: dict = {}
-        self._register_limits: dict = {}  # key -> maxnreg or None, for options with a register target
+        self._register_limits: dict = {}  # specialisation -> maxnreg or None, for options with a register target
         params = getattr(kernel, "params", None)  # a JITFunction's; the interpreter's functions have none
         if params is None:
             self._constexpr_names = None  # always the ordinary path
@@ -170,6 +171,14 @@ class Launcher:
         return (device, options.key, scalars, tuple(map(type, scalars)),
                 *[p if p is None else (p.dtype, not p.data_ptr() & 15) for p in pointers])
 
+    @staticmethod
+    def specialisation(device: int, options: LaunchOptions, pointers, scalars) -> tuple:
+        """What Triton compiles a launch's kernel for, the key of the register decisions: :meth:`key`
+        with each integer scalar reduced to what Triton specialises it on (whether it is 1, a multiple
+        of 16, and fits in 32 bits) and every other scalar to its type (booleans by value)."""
+        return (device, options.key, tuple(map(_scalar_class, scalars)),
+                *[p if p is None else (p.dtype, not p.data_ptr() & 15) for p in pointers])
+
     def launch(self, grid, options: LaunchOptions, pointers, scalars=()):
         """Launch with ``options`` (:meth:`options`) on ``grid``; ``pointers`` and ``scalars``
         (tuples): the runtime arguments in signature order. Returns the compiled kernel."""
@@ -181,7 +190,7 @@ class Launcher:
         if compiled is None:  # first call of this configuration: Triton's path, which may compile
             if len(self._compiled) >= MAX_CONFIGURATIONS:
                 self._compiled.clear()
-            compiled = self._compiled[key] = self._through_triton(grid, options, pointers, scalars, key)
+            compiled = self._compiled[key] = self._through_triton(grid, options, pointers, scalars)
             return compiled
         grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
         try:
@@ -194,27 +203,32 @@ class Launcher:
             return self._through_triton(grid, options, pointers, scalars)
         return compiled
 
-    def _through_triton(self, grid, options: LaunchOptions, pointers, scalars, key=None):
+    def _through_triton(self, grid, options: LaunchOptions, pointers, scalars):
         """The ordinary launch, ``kernel[grid](...)``: Triton's own path, which compiles when needed;
-        with the registers capped where the options' target says so (``key``: the launch's key,
-        made here when not given)."""
+        with the registers capped where the options' target says so, decided once per specialisation."""
         maxnreg = None
         # (_constexpr_names is None for the interpreter's functions, which take no maxnreg, and for
         # a kernel whose constexpr parameters are not last: neither gets a register target)
         if options.register_target is not None and self._constexpr_names is not None:
-            if key is None:
-                key = self.key(_current_device(), options, pointers, scalars)
-            if key not in self._register_limits:
+            which = self.specialisation(_current_device(), options, pointers, scalars)
+            if which not in self._register_limits:
                 if len(self._register_limits) >= MAX_CONFIGURATIONS:
                     self._register_limits.clear()
                 build = partial(self._build, grid, options, pointers, scalars)
-                self._register_limits[key] = register_limit(build, options.register_target)
-            maxnreg = self._register_limits[key]
+                self._register_limits[which] = register_limit(build, options.register_target)
+            maxnreg = self._register_limits[which]
         return self.kernel[grid](*pointers, *scalars, **_compile_options(options, maxnreg))
 
     def _build(self, grid, options: LaunchOptions, pointers, scalars, maxnreg):
         """The compiled kernel of a launch, without launching it (``maxnreg``: a cap, or ``None``)."""
         return self.kernel.warmup(*pointers, *scalars, grid=grid, **_compile_options(options, maxnreg))
+
+
+def _scalar_class(value) -> tuple:
+    """What Triton's specialisation keeps of a scalar argument (:meth:`Launcher.specialisation`)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        return (type(value), value if isinstance(value, bool) else None)
+    return (int, value == 1, value % 16 == 0, -2**31 <= value < 2**31)
 
 
 def _compile_options(options: LaunchOptions, maxnreg) -> dict:
