@@ -271,6 +271,18 @@ def test_the_spill_allowance_counts_from_the_free_builds_local_memory():
     assert limit(0, 1 + SPILL_WORDS) is None
 
 
+def test_v21_rule_by_keywords():
+    """v21's rule (at most 8 over, no more local memory) left the bidirectional forward's builds alone."""
+    from lionedu.kernels.registers import register_limit
+
+    def build(maxnreg):
+        return SimpleNamespace(n_regs=150 if maxnreg is None else 128, n_spills=0 if maxnreg is None else 14)
+
+    assert register_limit(build, 128) == 128
+    assert register_limit(build, 128, slack=8, spill_words=0) is None
+    assert register_limit(build, 128, slack=22, spill_words=0) is None  # within reach, but it spills
+
+
 @pytest.mark.parametrize("fails", [None, 128])
 def test_a_failing_build_leaves_the_compiler_be(fails):
     """A Triton without maxnreg (its capped build raises), or a failing build: no cap, no error."""

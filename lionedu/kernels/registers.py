@@ -48,21 +48,22 @@ def _counts(compiled):
     return None if regs is None or local is None else (regs, local)
 
 
-def register_limit(build: Callable[[int | None], object], target: int) -> int | None:
+def register_limit(build: Callable[[int | None], object], target: int, slack: int = SLACK,
+                   spill_words: int = SPILL_WORDS) -> int | None:
     """``maxnreg`` for a configuration: ``target`` where ``build(None)`` (the compiler's own
-    choice) uses more than ``target`` and at most ``target + SLACK`` registers per thread and
-    ``build(target)`` fits the target with at most ``SPILL_WORDS`` more words of local memory per
+    choice) uses more than ``target`` and at most ``target + slack`` registers per thread and
+    ``build(target)`` fits the target with at most ``spill_words`` more words of local memory per
     thread; else ``None`` (leave the compiler be: also off CUDA, and where a build raises or does
-    not report its counts).
+    not report its counts). v21's rule was ``slack=8, spill_words=0``.
     ``build(maxnreg)`` compiles the configuration without launching it and returns the
     compiled kernel."""
     if torch.version.hip is not None:
         return None
     try:
         free = _counts(build(None))
-        if free is None or not target < free[0] <= target + SLACK:
+        if free is None or not target < free[0] <= target + slack:
             return None
         capped = _counts(build(target))
     except Exception:  # an optional saving: whatever fails here, the ordinary launch will report
         return None
-    return target if capped is not None and capped[0] <= target and capped[1] <= free[1] + SPILL_WORDS else None
+    return target if capped is not None and capped[0] <= target and capped[1] <= free[1] + spill_words else None
