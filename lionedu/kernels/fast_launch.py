@@ -102,7 +102,7 @@ class LaunchOptions:
     """The compile-time half of a launch: warps, pipeline stages and the constexpr values, made by
     :meth:`Launcher.options` once per configuration (its callers cache it, :mod:`.launch`).
 
-    ``register_target``: registers per thread to squeeze the build into where it lands just over
+    ``register_target``: registers per thread to squeeze the build into where it lands a little over
     them (:func:`.registers.register_limit`), or ``None``.
     ``key``: ``(num_warps, num_stages, register_target, meta)`` with ``meta`` the constexpr values
     in the kernel's signature order, or ``None`` for a kernel the launcher never launches directly."""

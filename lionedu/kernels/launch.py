@@ -115,7 +115,7 @@ def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors:
     (:func:`persistent_outputs`) it runs ``output_programs_per_sm`` programs per multiprocessor
     with ``output_loop_stages`` chunks' loads in flight; on one program per chunk, with four
     warps, its build is squeezed into ``output_registers`` (128) per thread, four programs per
-    multiprocessor, where it lands just over them (:mod:`.registers`; ``None``: never).
+    multiprocessor, where it lands a little over them (:mod:`.registers`; ``None``: never).
     """
     wide = dk > 128 or dv > 128
     block_dk, block_dv, segments = states_plan(dk, dv, walks, chunks, multiprocessors)
