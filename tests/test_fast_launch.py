@@ -345,5 +345,8 @@ def test_the_specialisation_of_scalars():
 
     assert _scalar_class(32) == _scalar_class(4096) != _scalar_class(40) != _scalar_class(1)
     assert _scalar_class(2**40) == _scalar_class(2**41 + 16) != _scalar_class(2**20)  # past 32 bits: int64
-    assert _scalar_class(0.5) == _scalar_class(2.0) and _scalar_class(True) != _scalar_class(False)
+    assert _scalar_class(2**63) == _scalar_class(2**64 - 16) != _scalar_class(2**62)  # past int64: uint64
+    assert _scalar_class(-32) == _scalar_class(32) and _scalar_class(-2**40) == _scalar_class(2**40)
+    assert _scalar_class(0.5) == _scalar_class(2.0)
+    assert _scalar_class(True) != _scalar_class(False)  # finer than Triton: one decision more, never a wrong one
     assert _scalar_class(True) != _scalar_class(1)

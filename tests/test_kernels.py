@@ -1313,7 +1313,7 @@ def test_gpu_register_target(variant, causal, motive):
     import triton
 
     from lionedu.kernels import launch
-    from lionedu.kernels.fast_launch import _scalar_class
+    from lionedu.kernels.fast_launch import _scalar_class, fast_launch_enabled
 
     B, H, L, D = 4, 16, 4096, 64
     gen = torch.Generator(device="cuda").manual_seed(7)
@@ -1331,10 +1331,14 @@ def test_gpu_register_target(variant, causal, motive):
     assert float((y - ref).norm() / ref.norm()) < 1e-2
     decisions = launch._launch_output._register_limits
     capped = [which for which, limit in decisions.items() if limit is not None]
+    checked = 0
     for key, compiled in launch._launch_output._compiled.items():  # the direct path keeps the launched builds
         device, options_key, scalars, _, *pointers = key
         if decisions.get((device, options_key, tuple(map(_scalar_class, scalars)), *pointers)) is not None:
             assert compiled.n_regs <= 128
+            checked += 1
+    if capped and fast_launch_enabled():  # every capped decision was launched: its build is among the kept ones
+        assert checked, "no kept build matched a capped decision (Launcher.key and .specialisation out of step?)"
     if torch.cuda.get_device_capability() == (9, 0) and triton.__version__.startswith("3.6"):
         assert capped, f"{motive} was not capped"
 

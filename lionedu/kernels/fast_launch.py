@@ -126,7 +126,7 @@ class Launcher:
     ``launcher.launch(grid, options, pointers, scalars)``: ``pointers`` the tensor arguments in
     order (``None`` for one the configuration never reads; Triton then compiles it away),
     ``scalars`` the rest. Options with a ``register_target`` are compiled with the registers
-    capped where :func:`.registers.register_limit` says so, decided once per key."""
+    capped where :func:`.registers.register_limit` says so, decided once per specialisation."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -174,8 +174,7 @@ class Launcher:
     @staticmethod
     def specialisation(device: int, options: LaunchOptions, pointers, scalars) -> tuple:
         """What Triton compiles a launch's kernel for, the key of the register decisions: :meth:`key`
-        with each integer scalar reduced to what Triton specialises it on (whether it is 1, a multiple
-        of 16, and fits in 32 bits) and every other scalar to its type (booleans by value)."""
+        with each scalar reduced to what Triton specialises it on (:func:`_scalar_class`)."""
         return (device, options.key, tuple(map(_scalar_class, scalars)),
                 *[p if p is None else (p.dtype, not p.data_ptr() & 15) for p in pointers])
 
@@ -225,10 +224,14 @@ class Launcher:
 
 
 def _scalar_class(value) -> tuple:
-    """What Triton's specialisation keeps of a scalar argument (:meth:`Launcher.specialisation`)."""
+    """What Triton's specialisation keeps of a scalar argument (:meth:`Launcher.specialisation`):
+    of an integer, whether it is 1, whether it is a multiple of 16 and its width (32-bit, 64-bit
+    signed, 64-bit unsigned); of any other scalar its type, and of a boolean also its value (finer
+    than Triton, which compiles both alike: one decision more, never a wrong one)."""
     if isinstance(value, bool) or not isinstance(value, int):
         return (type(value), value if isinstance(value, bool) else None)
-    return (int, value == 1, value % 16 == 0, -2**31 <= value < 2**31)
+    width = "i32" if -2**31 <= value < 2**31 else "i64" if -2**63 <= value < 2**63 else "u64"
+    return (int, value == 1, value % 16 == 0, width)
 
 
 def _compile_options(options: LaunchOptions, maxnreg) -> dict:

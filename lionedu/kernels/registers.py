@@ -11,9 +11,12 @@ names a register target, :func:`register_limit` compiles the configuration once 
 it lands over the target by at most :data:`SLACK`, once with the cap, and keeps the cap if the
 capped build spills at most :data:`SPILL_WORDS` more words per thread to local memory than the
 free one. The bidirectional forward's output builds use 146-150 registers: capped at 128 they
-spill 6-24 words a thread and still run 3-7 % faster than with three programs per
-multiprocessor (dev runs §54), so a few spilled words cost less than a quarter of the warps.
-A build further over the target is left alone: squeezing it would spill more than was measured.
+spill 6-14 words a thread (the training forward's 18) and still run 3-7 % faster than with three
+programs per multiprocessor (dev runs §54): a few spilled words cost less than a third more warps.
+The limits are a little wider than the builds that gained (22 registers over, 18 words): builds of
+128-wide heads capped with 12-24 words took the same time as free. A build further over the target
+is left alone: squeezing it would spill more than was measured. Measured on an H200 (Hopper) with
+Triton 3.6 only; other GPUs take the same rule unmeasured.
 Only CUDA builds are squeezed (``maxnreg`` is NVIDIA's); a build that fails or does not report
 its counts leaves the compiler be.
 """
