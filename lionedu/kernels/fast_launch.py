@@ -168,15 +168,13 @@ class Launcher:
         than Triton's own key for integers (whether each is 1, a multiple of 16, fits in 32 bits),
         so a new value costs one call through Triton, which finds the compiled kernel in its own
         cache; in exchange the scalars cost no Python per element."""
-        return (device, options.key, scalars, tuple(map(type, scalars)),
-                *[p if p is None else (p.dtype, not p.data_ptr() & 15) for p in pointers])
+        return (device, options.key, scalars, tuple(map(type, scalars)), *_pointer_classes(pointers))
 
     @staticmethod
     def specialisation(device: int, options: LaunchOptions, pointers, scalars) -> tuple:
         """What Triton compiles a launch's kernel for, the key of the register decisions: :meth:`key`
         with each scalar reduced to what Triton specialises it on (:func:`_scalar_class`)."""
-        return (device, options.key, tuple(map(_scalar_class, scalars)),
-                *[p if p is None else (p.dtype, not p.data_ptr() & 15) for p in pointers])
+        return (device, options.key, tuple(map(_scalar_class, scalars)), *_pointer_classes(pointers))
 
     def launch(self, grid, options: LaunchOptions, pointers, scalars=()):
         """Launch with ``options`` (:meth:`options`) on ``grid``; ``pointers`` and ``scalars``
@@ -221,6 +219,12 @@ class Launcher:
     def _build(self, grid, options: LaunchOptions, pointers, scalars, maxnreg):
         """The compiled kernel of a launch, without launching it (``maxnreg``: a cap, or ``None``)."""
         return self.kernel.warmup(*pointers, *scalars, grid=grid, **_compile_options(options, maxnreg))
+
+
+def _pointer_classes(pointers) -> list:
+    """What Triton's specialisation keeps of the tensor arguments: per pointer its dtype and whether
+    its address is a multiple of 16 bytes (``None`` for one that is compiled away)."""
+    return [p if p is None else (p.dtype, not p.data_ptr() & 15) for p in pointers]
 
 
 def _scalar_class(value) -> tuple:
