@@ -350,3 +350,117 @@ def test_the_specialisation_of_scalars():
     assert _scalar_class(0.5) == _scalar_class(2.0)
     assert _scalar_class(True) != _scalar_class(False)  # finer than Triton: one decision more, never a wrong one
     assert _scalar_class(True) != _scalar_class(1)
+
+
+@pytest.mark.parametrize("registers, shared, warps, most, memory, expected", [
+    (168, 0, 4, 3, None, 3),  # 168 registers x 128 threads x 3 = 64,512 of 65,536
+    (169, 0, 4, 3, None, 2),  # rounded up to 176: three programs would need 67,584
+    (182, 0, 4, 3, None, 2),  # LION-S's causal dK build, free (dev runs §55)
+    (128, 0, 4, 3, None, 3),  # four would fit, the launch asks for at most three
+    (128, 0, 4, 4, None, 4),
+    (128, 60_000, 4, 4, 233_472, 3),  # shared memory decides: 3 x (60,000 + 1,024) bytes fit, 4 do not
+    (128, 75_000, 4, 4, 233_472, 3),
+    (128, 77_000, 4, 4, 233_472, 2),  # 3 x 78,024 bytes would be 600 over
+    (255, 0, 8, 3, None, 1),  # 256 x 256 threads: the whole register file
+    (64, 300_000, 4, 3, 233_472, 1),  # more than a multiprocessor has: still one (the launch reports it)
+])
+def test_resident_programs(registers, shared, warps, most, memory, expected):
+    from lionedu.kernels.registers import resident_programs
+
+    assert resident_programs(registers, shared, warps, most, shared=memory) == expected
+
+
+def test_build_resources_reads_registers_and_shared_memory():
+    from lionedu.kernels.registers import build_resources
+
+    build = LoadedOnDemand(168, 0)
+    build.metadata = SimpleNamespace(shared=59_392)
+    assert build_resources(build) == (168, 59_392)
+    assert build_resources(LoadedOnDemand(168, 0)) is None  # no metadata: not known
+
+
+class SizedKernel(CountingKernel):
+    """A counting kernel whose builds also report their shared memory."""
+
+    def warmup(self, *args, grid, **kw):
+        build = super().warmup(*args, grid=grid, **kw)
+        build.metadata = SimpleNamespace(shared=1000)
+        return build
+
+    def __getitem__(self, grid):  # Triton's launch returns the compiled kernel, counts and all
+        def launch(*args, **kw):
+            self.calls.append((grid, args, kw))
+            compiled = FakeCompiled()
+            compiled.n_regs = self.counts(kw.get("maxnreg"))[0]
+            return compiled
+        return launch
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_a_grid_sized_by_the_build(fast, monkeypatch, direct):
+    """A grid given as a function gets the compiled kernel (built first on Triton's path, with the
+    registers the target decided) and is launched as it returns it."""
+    monkeypatch.setattr(fast_launch, "_enabled", direct)
+    kernel = SizedKernel(lambda maxnreg: (182, 0) if maxnreg is None else (168, 0))
+    launch = Launcher(kernel)
+    options = launch.options(num_warps=4, num_stages=1, register_target=168, A=0, B=0)
+    seen = []
+
+    def grid(compiled):
+        seen.append(compiled)
+        return (compiled.n_regs,)  # any function of the build will do
+
+    x = torch.zeros(4)
+    launch.launch(grid, options, (x,), (16,))
+    assert kernel.calls[0][0] == (168,) and kernel.calls[0][2]["maxnreg"] == 168  # the capped build's grid
+    assert kernel.builds == [None, 168, 168]  # the decision's two builds, then the launch's, which Triton finds cached
+    compiled = launch.launch(grid, options, (x,), (16,))
+    if direct:  # the second call: the compiled kernel's own launcher, with the grid made from it
+        assert seen[-1] is compiled and compiled.runs[0][:3] == (168, 1, 1)
+    else:
+        assert len(kernel.calls) == 2 and kernel.calls[1][0] == (168,)
+
+
+def test_an_interpreted_kernel_s_grid_gets_no_build(fast):
+    kernel = FakeKernel(names=("x", "A"), constexpr=(False, True))
+    kernel.params = None  # the interpreter's functions have no params
+    launch = Launcher(kernel)
+    launch.launch(lambda compiled: (3,) if compiled is None else (99,), launch.options(A=0), (torch.zeros(1),))
+    assert kernel.calls[0][0] == (3,)
+
+
+def test_the_persistent_grid_follows_the_build(monkeypatch):
+    """launch._persistent_grid: as many programs per multiprocessor as the build's registers and
+    shared memory allow (at most the launch's ``most``), times the multiprocessors, at most one
+    per chunk; two where the build or the device does not say (the grid before v23)."""
+    from lionedu.kernels import launch
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(launch, "_multiprocessors", lambda device: 132)
+    monkeypatch.setattr(launch, "_multiprocessor_memory", lambda device: (65536, 233_472))
+
+    def build(regs, shared):
+        compiled = LoadedOnDemand(regs, 0)
+        compiled.metadata = SimpleNamespace(shared=shared)
+        return compiled
+
+    assert launch._persistent_grid(10_000, cuda, 4, 3, build(168, 59_392)) == (396,)  # LION-S's causal dK, capped
+    assert launch._persistent_grid(10_000, cuda, 4, 3, build(204, 59_392)) == (264,)  # its causal dQ
+    assert launch._persistent_grid(10_000, cuda, 4, 3, build(142, 80_000)) == (264,)  # shared memory decides
+    assert launch._persistent_grid(300, cuda, 4, 3, build(142, 59_392)) == (300,)  # no more programs than chunks
+    assert launch._persistent_grid(10_000, cuda, 4, 1, build(142, 59_392)) == (132,)  # at most one: test_kernels'
+    assert launch._persistent_grid(10_000, cuda, 4, 3, None) == (264,)  # the interpreter: no build to look at
+    assert launch._persistent_grid(10_000, cuda, 4, 3, LoadedOnDemand(150, 0)) == (264,)  # no shared memory reported
+    monkeypatch.setattr(launch, "_multiprocessor_memory", lambda device: (65536, None))
+    assert launch._persistent_grid(10_000, cuda, 4, 3, build(150, 1_000)) == (264,)  # a PyTorch that does not say
+    monkeypatch.setattr(launch, "_multiprocessor_memory", lambda device: (65536, 233_472))
+    monkeypatch.setattr(torch.version, "hip", "6.0")
+    assert launch._persistent_grid(10_000, cuda, 4, 3, build(120, 1_000)) == (264,)  # AMD: not NVIDIA's arithmetic
+
+
+def test_persistent_launches_name_three_programs_squeezed_into_168_registers():
+    from lionedu.kernels.launch import launch_config
+
+    config = launch_config(64, 64, 64)
+    assert config["output_programs_per_sm"] == 3 and config["output_persistent_registers"] == 168
+    assert launch_config(256, 256, 64)["output_persistent_registers"] is None  # eight warps: left to the compiler

@@ -1047,13 +1047,15 @@ def test_persistent_outputs_rule():
     assert not persistent_outputs(torch.bfloat16, 64, 64, 128, True)
 
 
-def test_register_target_only_off_the_persistent_grid(monkeypatch):
+def test_register_targets_of_both_grids(monkeypatch):
     """The output launches on one program per chunk name launch_config's register target (128 for
-    four warps), those on the persistent grid none; eight-warp configurations name none either."""
+    four warps: four programs per multiprocessor), those on the persistent grid its persistent one
+    (168: three); eight-warp configurations name none."""
     from lionedu.kernels import launch
 
     assert launch.launch_config(64, 64, 64)["output_registers"] == 128
     assert launch.launch_config(256, 64, 64)["output_registers"] is None  # 8 warps: not measured
+    assert launch.launch_config(256, 64, 64)["output_persistent_registers"] is None
     targets = []
     real = launch._launch_output.launch
     monkeypatch.setattr(launch._launch_output, "launch",
@@ -1063,7 +1065,8 @@ def test_register_target_only_off_the_persistent_grid(monkeypatch):
     states = launch.chunk_states(k, v, None, lower=True, upper=True, chunk_size=C)
     for persistent in (False, True):
         launch.chunk_outputs(q, k, v, None, states, lower=True, upper=True, chunk_size=C, persistent=persistent)
-    assert targets == [launch.launch_config(16, 16, C)["output_registers"], None]
+    config = launch.launch_config(16, 16, C)
+    assert targets == [config["output_registers"], config["output_persistent_registers"]] == [128, 168]
 
 
 def test_float32_dot_precision(monkeypatch):
@@ -1341,6 +1344,43 @@ def test_gpu_register_target(variant, causal, motive):
         assert checked, "no kept build matched a capped decision (Launcher.key and .specialisation out of step?)"
     if torch.cuda.get_device_capability() == (9, 0) and triton.__version__.startswith("3.6"):
         assert capped, f"{motive} was not capped"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["d", "s"])
+def test_gpu_persistent_grid_follows_the_build(variant):
+    """A causal training step at the benchmark's shape: the backward's launches on the persistent
+    grid run right (against float64), and each build's grid holds no more programs per
+    multiprocessor than its registers and shared memory allow; with Triton 3.6 on Hopper the
+    causal dK launch, capped at 168 registers, and dV run three (dev runs §55)."""
+    import triton
+
+    from lionedu.kernels import launch
+    from lionedu.kernels.fast_launch import fast_launch_enabled
+    from lionedu.kernels.registers import RESERVED_SHARED, build_resources
+
+    if not fast_launch_enabled():
+        pytest.skip("the builds are read from the direct launches' cache")
+    launch._launch_output._register_limits.clear()
+    launch._launch_output._compiled.clear()
+    assert_close(compare(4, 16, 2048, 64, 64, variant, True, True, 64, torch.bfloat16, "cuda"), torch.bfloat16)
+    registers, shared = launch._multiprocessor_memory(torch.device("cuda"))
+    names = launch._launch_output._constexpr_names
+    residents = []
+    for key, compiled in launch._launch_output._compiled.items():
+        meta = dict(zip(names, key[1][3]))
+        if not meta["PERSISTENT"]:
+            continue
+        resources = build_resources(compiled)
+        assert resources is not None, "this Triton reports no registers or shared memory for its builds"
+        regs, used = resources
+        programs = launch._resident(compiled, torch.device("cuda"), key[1][0], 3)
+        assert programs * (-(-regs // 8) * 8) * 32 * key[1][0] <= registers
+        assert shared is None or programs * (used + RESERVED_SHARED) <= shared
+        residents.append(programs)
+    assert len(residents) == 3  # dQ, dK, dV
+    if torch.cuda.get_device_capability() == (9, 0) and triton.__version__.startswith("3.6"):
+        assert sorted(residents) == [2, 3, 3], residents
 
 
 @pytest.mark.gpu

@@ -126,7 +126,12 @@ class Launcher:
     ``launcher.launch(grid, options, pointers, scalars)``: ``pointers`` the tensor arguments in
     order (``None`` for one the configuration never reads; Triton then compiles it away),
     ``scalars`` the rest. Options with a ``register_target`` are compiled with the registers
-    capped where :func:`.registers.register_limit` says so, decided once per specialisation."""
+    capped where :func:`.registers.register_limit` says so, decided once per specialisation.
+    ``grid`` may also be a function of the compiled kernel that returns the grid (or of ``None``
+    where there is none to look at: Triton's interpreter, and kernels whose constexpr parameters
+    are not last), for a grid sized by what the build uses (a persistent grid of as many programs
+    as share a multiprocessor). Off the direct path (turned off, or hooks installed: a profiler),
+    each such launch compiles-or-finds its build first, one more call into Triton."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -189,6 +194,8 @@ class Launcher:
                 self._compiled.clear()
             compiled = self._compiled[key] = self._through_triton(grid, options, pointers, scalars)
             return compiled
+        if callable(grid):
+            grid = grid(compiled)
         grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
         try:
             # The compiled kernel's C launcher: grid, stream, the kernel's handle and metadata,
@@ -211,9 +218,12 @@ class Launcher:
             if which not in self._register_limits:
                 if len(self._register_limits) >= MAX_CONFIGURATIONS:
                     self._register_limits.clear()
-                build = partial(self._build, grid, options, pointers, scalars)
+                build = partial(self._build, (1,), options, pointers, scalars)  # (a build needs no grid)
                 self._register_limits[which] = register_limit(build, options.register_target)
             maxnreg = self._register_limits[which]
+        if callable(grid):  # sized by the build: compile it first (Triton's launch below then finds it)
+            grid = grid(None if self._constexpr_names is None else
+                        self._build((1,), options, pointers, scalars, maxnreg))
         return self.kernel[grid](*pointers, *scalars, **_compile_options(options, maxnreg))
 
     def _build(self, grid, options: LaunchOptions, pointers, scalars, maxnreg):

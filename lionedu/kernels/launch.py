@@ -19,7 +19,7 @@ from .centring import shift_constants
 from .fast_launch import Launcher
 from .layout import check_flat, check_rows, heads, row_strides
 from .output import chunk_output_kernel
-from .registers import registers_for_programs
+from .registers import build_resources, registers_for_programs, resident_programs
 from .states import chunk_states_kernel
 
 _launch_states = Launcher(chunk_states_kernel)
@@ -54,6 +54,36 @@ def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessor_memory(device: torch.device) -> tuple:
+    """``(registers, shared memory bytes or None)`` of one multiprocessor of a CUDA device (``None``
+    where this PyTorch does not report it)."""
+    props = torch.cuda.get_device_properties(device)
+    return (getattr(props, "regs_per_multiprocessor", 65536),
+            getattr(props, "shared_memory_per_multiprocessor", None))
+
+
+@functools.lru_cache(maxsize=256)  # keyed by the compiled kernel itself: one decision per build
+def _resident(compiled, device: torch.device, warps: int, most: int) -> int:
+    """How many programs of ``compiled`` (a launch of ``warps`` warps) share a multiprocessor of
+    ``device``, at most ``most``. Where the build (Triton's interpreter), its counts or the shared
+    memory of a multiprocessor are not known, and on AMD GPUs: at most 2, the persistent grid's
+    size before v23 (measured, dev runs §25)."""
+    if compiled is None or device.type != "cuda" or torch.version.hip is not None:  # (AMD: other warps and registers)
+        return min(most, 2)
+    resources = build_resources(compiled)
+    registers, shared = _multiprocessor_memory(device)
+    if resources is None or shared is None:
+        return min(most, 2)
+    return resident_programs(resources[0], resources[1], warps, most, registers, shared)
+
+
+def _persistent_grid(work: int, device: torch.device, warps: int, most: int, compiled) -> tuple:
+    """The persistent grid of a launch of ``work`` chunks: as many programs as share each
+    multiprocessor (:func:`_resident`), times the multiprocessors, at most one per chunk."""
+    return (min(work, _resident(compiled, device, warps, most) * _multiprocessors(device)),)
 
 
 @functools.lru_cache(maxsize=4096)  # keyed by sizes and lengths: bounded, for servers that see many lengths
@@ -112,10 +142,12 @@ def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors:
     shares out its walks: :func:`states_plan`. The
     output kernel is parallel over chunks already, computes the ``C x C`` scores once per
     program and loops over value tiles, so it wants wide ones; on its persistent grid
-    (:func:`persistent_outputs`) it runs ``output_programs_per_sm`` programs per multiprocessor
-    with ``output_loop_stages`` chunks' loads in flight; on one program per chunk, with four
-    warps, its build is squeezed into ``output_registers`` (128) per thread, four programs per
-    multiprocessor, where it lands a little over them (:mod:`.registers`; ``None``: never).
+    (:func:`persistent_outputs`) it runs as many programs per multiprocessor as the compiled
+    build's registers and shared memory let share one, at most ``output_programs_per_sm``, with
+    ``output_loop_stages`` chunks' loads in flight, and a four-warp build is squeezed into
+    ``output_persistent_registers`` (168) per thread, three programs, where it lands a little over
+    them; on one program per chunk, with four warps, into ``output_registers`` (128), four programs
+    per multiprocessor (:mod:`.registers`; ``None``: never).
     """
     wide = dk > 128 or dv > 128
     block_dk, block_dv, segments = states_plan(dk, dv, walks, chunks, multiprocessors)
@@ -123,9 +155,11 @@ def launch_config(dk: int, dv: int, chunk: int, walks: int = 0, multiprocessors:
     return dict(states_block_dk=block_dk, states_block_dv=block_dv, states_segments=segments, states_warps=4,
                 states_stages=2 if wide else 3,
                 output_block_dv=min(dv, 64), output_warps=output_warps,
-                output_stages=1, output_programs_per_sm=2, output_loop_stages=2,
+                output_stages=1, output_programs_per_sm=3, output_loop_stages=2,
                 # four programs of four warps (measured); 8-warp builds are left to the compiler
-                output_registers=registers_for_programs(output_warps, 4) if output_warps == 4 else None)
+                output_registers=registers_for_programs(output_warps, 4) if output_warps == 4 else None,
+                # on the persistent grid, three (v23, dev runs §55)
+                output_persistent_registers=registers_for_programs(output_warps, 3) if output_warps == 4 else None)
 
 
 def persistent_outputs(dtype: torch.dtype, dk: int, dv: int, chunk: int, decays: bool) -> bool:
@@ -516,8 +550,9 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
         dots = tuple(torch.empty(BH, N, 2, device=q.device, dtype=torch.float64) if dot_moments
                      else torch.empty(BH, L, **f32) for _ in range(2))
     cfg = launch_config(DK, DV, chunk_size)
-    if persistent:  # a few programs per multiprocessor, each looping over chunks
-        grid = (min(N * BH, cfg["output_programs_per_sm"] * _multiprocessors(q.device)),)
+    if persistent:  # a few programs per multiprocessor, each looping over chunks: as many as the build lets fit
+        grid = functools.partial(_persistent_grid, N * BH, q.device, cfg["output_warps"],
+                                 cfg["output_programs_per_sm"])
     else:  # one program per chunk
         grid = (N, BH)
     options = _output_options(DK, DV, chunk_size, tile_dot_precision(q), *_decay_kind(g), lower, upper, with_den,
@@ -527,7 +562,7 @@ def _outputs(q, k, v, g, states: States, q2, *, lower: bool, upper: bool, chunk_
                               q2 is not None, starts is not None, normaliser is not None, persistent,
                               cfg["output_block_dv"], launch_config(DV, DK, chunk_size)["output_block_dv"],
                               cfg["output_warps"], cfg["output_stages"], cfg["output_loop_stages"],
-                              None if persistent else cfg["output_registers"])
+                              cfg["output_persistent_registers" if persistent else "output_registers"])
     # Pointers a configuration never reads are None: Triton compiles them away.
     _launch_output.launch(
         grid, options,

@@ -26,11 +26,13 @@ from typing import Callable
 
 import torch
 
-__all__ = ["MAX_REGISTERS", "SLACK", "SPILL_WORDS", "register_limit", "registers_for_programs"]
+__all__ = ["MAX_REGISTERS", "SLACK", "SPILL_WORDS", "RESERVED_SHARED", "register_limit", "registers_for_programs",
+           "resident_programs", "build_resources"]
 
 SLACK = 24  # squeeze a build that is at most this many registers per thread over its target
 SPILL_WORDS = 24  # ... if capped it spills at most this many more 4-byte words per thread (dev runs §54)
 MAX_REGISTERS = 255  # the most a thread may have
+RESERVED_SHARED = 1024  # bytes of shared memory the hardware keeps for each resident program (compute capability 8.0+)
 
 
 def registers_for_programs(warps: int, programs: int, registers: int = 65536) -> int:
@@ -38,6 +40,28 @@ def registers_for_programs(warps: int, programs: int, registers: int = 65536) ->
     a multiprocessor of ``registers`` registers (allocation is per warp, in units of 8 per
     thread), at most :data:`MAX_REGISTERS`."""
     return min(registers // (programs * warps * 32) // 8 * 8, MAX_REGISTERS)
+
+
+def resident_programs(registers_per_thread: int, shared_bytes: int, warps: int, most: int,
+                      registers: int = 65536, shared: int | None = None) -> int:
+    """How many programs of ``warps`` warps a multiprocessor with ``registers`` registers and
+    ``shared`` bytes of shared memory (``None``: not known, then registers alone decide) holds at
+    once, if each thread uses ``registers_per_thread`` registers and each program ``shared_bytes``
+    of shared memory; at most ``most``, at least 1. Registers are allocated per warp in units of 8
+    per thread; each resident program also takes :data:`RESERVED_SHARED` bytes of shared memory."""
+    per_thread = max(8, -(-registers_per_thread // 8) * 8)
+    fit = registers // (per_thread * 32 * warps)
+    if shared is not None:
+        fit = min(fit, shared // (shared_bytes + RESERVED_SHARED))
+    return max(1, min(most, fit))
+
+
+def build_resources(compiled):
+    """``(registers per thread, shared memory in bytes)`` of a compiled kernel, or ``None`` where
+    this Triton does not report them."""
+    counts = _counts(compiled)
+    shared = getattr(getattr(compiled, "metadata", None), "shared", None)
+    return None if counts is None or shared is None else (counts[0], shared)
 
 
 def _counts(compiled):
