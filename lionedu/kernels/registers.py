@@ -19,6 +19,13 @@ is left alone: squeezing it would spill more than was measured. Measured on an H
 Triton 3.6 only; other GPUs take the same rule unmeasured.
 Only CUDA builds are squeezed (``maxnreg`` is NVIDIA's); a build that fails or does not report
 its counts leaves the compiler be.
+
+The backward's launches on the persistent grid (a few programs per multiprocessor, each looping
+over chunks) name 168, three programs of four warps, and their grid holds as many programs as the
+build's registers and shared memory let share a multiprocessor (:func:`resident_programs`, at most
+three): the causal dK build, 182 registers free, runs three capped at 168 without spilling, and the
+bidirectional dV build, 162 registers but 90 KB of shared memory, two. A fixed grid of three made
+that launch slower: the third program per multiprocessor waited for the first two (dev runs §55).
 """
 from __future__ import annotations
 
