@@ -456,11 +456,3 @@ def test_the_persistent_grid_follows_the_build(monkeypatch):
     monkeypatch.setattr(launch, "_multiprocessor_memory", lambda device: (65536, 233_472))
     monkeypatch.setattr(torch.version, "hip", "6.0")
     assert launch._persistent_grid(10_000, cuda, 4, 3, build(120, 1_000)) == (264,)  # AMD: not NVIDIA's arithmetic
-
-
-def test_persistent_launches_name_three_programs_squeezed_into_168_registers():
-    from lionedu.kernels.launch import launch_config
-
-    config = launch_config(64, 64, 64)
-    assert config["output_programs_per_sm"] == 3 and config["output_persistent_registers"] == 168
-    assert launch_config(256, 256, 64)["output_persistent_registers"] is None  # eight warps: left to the compiler

@@ -7,9 +7,10 @@ last step), so properties that the kernels' speed depends on can be tested anywh
   asynchronous copies to shared memory (results/NOTES.md, v8: this is what made the backward
   faster; a loop the pipeliner cannot handle, such as one with another loop inside, gets none);
 - the buffers of two such programs, the fewest the persistent grid was measured to pay with, fit
-  in one multiprocessor's shared memory (228 KiB on the H100 and H200; the test holds them to 227 KiB,
-  the most one program may use; the grid takes as many as fit, up to ``output_programs_per_sm``): the first v8, whose buffers were three times as large at
-  128-wide heads, failed on the H200 before computing anything;
+  in one multiprocessor's shared memory (228 KiB on the H100 and H200; the test holds them to
+  227 KiB, the most one program may use; the grid takes as many as fit, up to
+  ``output_programs_per_sm``): the first v8, whose buffers were three times as large at 128-wide
+  heads, failed on the H200 before computing anything;
 - float32 inputs are multiplied on tensor cores: with ``input_precision="ieee"`` Triton
   compiles a float32 ``tl.dot`` to scalar fused multiply-adds, which made float32 18x slower
   forward and 28x slower forward+backward on an H200 (results/NOTES.md, "Float32");

@@ -1056,6 +1056,7 @@ def test_register_targets_of_both_grids(monkeypatch):
     assert launch.launch_config(64, 64, 64)["output_registers"] == 128
     assert launch.launch_config(256, 64, 64)["output_registers"] is None  # 8 warps: not measured
     assert launch.launch_config(256, 64, 64)["output_persistent_registers"] is None
+    assert launch.launch_config(64, 64, 64)["output_programs_per_sm"] == 3  # at most: the build decides (_persistent_grid)
     targets = []
     real = launch._launch_output.launch
     monkeypatch.setattr(launch._launch_output, "launch",

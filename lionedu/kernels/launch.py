@@ -71,13 +71,12 @@ def _resident(compiled, device: torch.device, warps: int, most: int) -> int:
     ``device``, at most ``most``. Where the build (Triton's interpreter), its counts or the shared
     memory of a multiprocessor are not known, and on AMD GPUs: at most 2, the persistent grid's
     size before v23 (measured, dev runs §25)."""
-    if compiled is None or device.type != "cuda" or torch.version.hip is not None:  # (AMD: other warps and registers)
+    known = compiled is not None and device.type == "cuda" and torch.version.hip is None  # (AMD: other warps, registers)
+    resources = build_resources(compiled) if known else None
+    registers, shared = _multiprocessor_memory(device) if resources is not None else (None, None)
+    if shared is None:
         return min(most, 2)
-    resources = build_resources(compiled)
-    registers, shared = _multiprocessor_memory(device)
-    if resources is None or shared is None:
-        return min(most, 2)
-    return resident_programs(resources[0], resources[1], warps, most, registers, shared)
+    return resident_programs(*resources, warps, most, registers, shared)
 
 
 def _persistent_grid(work: int, device: torch.device, warps: int, most: int, compiled) -> tuple:
